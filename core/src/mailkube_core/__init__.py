@@ -1,0 +1,1 @@
+"""Mailkube core: the contracts every component imports."""
