@@ -1,0 +1,65 @@
+"""Human-friendly units for settings: durations ("90s", "5m", "48h", "1h30m") and sizes
+("25MiB", "26214400")."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "k": 1024, "kib": 1024, "kb": 1000, "m": 1024**2, "mib": 1024**2, "mb": 1000**2,
+    "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
+}  # fmt: skip
+
+
+def parse_duration(value: Any) -> Any:
+    """'1h30m' -> timedelta(hours=1, minutes=30); a bare number is seconds.
+
+    Anything else is handed to pydantic unchanged so that its error names the field."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower()
+    try:
+        return timedelta(seconds=float(text))
+    except ValueError:
+        pass
+    pos, total = 0, 0.0
+    for match in _DURATION_PART.finditer(text):
+        if match.start() != pos:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    if pos != len(text) or not text:
+        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 5m, 48h, 1h30m)")
+    return timedelta(seconds=total)
+
+
+def parse_size(value: Any) -> Any:
+    """'25MiB' -> 26214400; a bare number is bytes."""
+    if not isinstance(value, str):
+        return value
+    match = _SIZE.fullmatch(value.strip())
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 26214400, 25MiB, 100KiB)")
+    unit = (match.group(2) or "b").lower()
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def format_duration(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+ByteSize = Annotated[int, BeforeValidator(parse_size)]
