@@ -61,6 +61,12 @@ NetworkList = Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], Bef
 DurationList = Annotated[list[Duration], BeforeValidator(_comma_list)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
+#: the seed design's retry schedule
+DEFAULT_RETRY_INTERVALS: tuple[timedelta, ...] = (
+    timedelta(minutes=5), timedelta(minutes=15), timedelta(minutes=30), timedelta(hours=1),
+    timedelta(hours=4), timedelta(hours=8), timedelta(hours=24),
+)  # fmt: skip
+
 
 class _Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
@@ -164,10 +170,7 @@ class WorkerSettings(CommonSettings):
     role: Literal["local", "remote", "all"] = "all"
     queue_workers: PositiveInt = 4
     mail_root: Path = Path("/var/mail")
-    retry_intervals: DurationList = [
-        timedelta(minutes=5), timedelta(minutes=15), timedelta(minutes=30), timedelta(hours=1),
-        timedelta(hours=4), timedelta(hours=8), timedelta(hours=24),
-    ]  # fmt: skip
+    retry_intervals: DurationList = list(DEFAULT_RETRY_INTERVALS)
     retry_jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
     max_retries: Annotated[int, Field(ge=0)] = 7
     bounce_after: Duration = timedelta(hours=48)

@@ -1,0 +1,59 @@
+"""Queue key layout. Every key of one partition shares the Redis Cluster hash tag
+`{<prefix>:q<partition>}`, so each multi-key script runs on one slot."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from .envelope import Lane
+
+GROUP = b"workers"
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+@dataclass(frozen=True)
+class PartitionKeys:
+    prefix: str
+    partition: int
+
+    @property
+    def tag(self) -> str:
+        return f"{{{self.prefix}:q{self.partition}}}"
+
+    def stream(self, lane: Lane) -> str:
+        """Entries ready for delivery; consumed by the group `workers`."""
+        return f"{self.tag}:stream:{lane}"
+
+    def delayed(self, lane: Lane) -> str:
+        """Sorted set: message id -> due time (ms) of its next attempt."""
+        return f"{self.tag}:delayed:{lane}"
+
+    @property
+    def messages(self) -> str:
+        """Sorted set: every message id in this partition -> enqueue time (ms); for listing."""
+        return f"{self.tag}:messages"
+
+    def message(self, message_id: str) -> str:
+        """Hash: envelope, body, lane, attempts, deliveries, claim info and r:<i> results."""
+        return f"{self.tag}:m:{message_id}"
+
+
+def new_message_id(partition: int) -> str:
+    """Time-ordered and unique: 10 chars of milliseconds and 12 of randomness (Crockford
+    base32, like a ULID), then '.<partition>' so any message can be found from its id alone."""
+    value = (int(time.time() * 1000) << 60) | int.from_bytes(os.urandom(8), "big") >> 4
+    chars = []
+    for _ in range(22):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars)) + f".{partition}"
+
+
+def partition_of(message_id: str) -> int:
+    """The partition a message id names; ValueError for a malformed id."""
+    token, sep, number = message_id.rpartition(".")
+    if not sep or len(token) != 22 or not number.isdigit():
+        raise ValueError(f"not a message id: {message_id!r}")
+    return int(number)

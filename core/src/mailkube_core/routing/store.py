@@ -1,0 +1,134 @@
+"""The routing table in Redis: one writer replaces it atomically with a new version and a
+change notification; readers keep a snapshot in memory and reload when the version moves.
+
+Keys (one hash tag, so the replace script is atomic on Redis Cluster too):
+  {<prefix>:routing}:table     the table as JSON
+  {<prefix>:routing}:version   an integer, +1 per replace
+  <prefix>:routing:changed     pub/sub channel; the message is the new version
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import timedelta
+
+from ..redis_client import RedisClient
+from .models import RoutingTable
+from .snapshot import RoutingSnapshot
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] table, KEYS[2] version. ARGV[1] table JSON, ARGV[2] expected version or '',
+# ARGV[3] channel. Returns {new version, 1} or {current version, 0} on a version conflict.
+_REPLACE = """
+local current = tonumber(redis.call('GET', KEYS[2]) or '0')
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= current then return {current, 0} end
+local version = current + 1
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], version)
+redis.call('PUBLISH', ARGV[3], version)
+return {version, 1}
+"""
+
+# KEYS[1] table, KEYS[2] version: both in one consistent read.
+_LOAD = "return {redis.call('GET', KEYS[2]) or '0', redis.call('GET', KEYS[1]) or ''}"
+
+
+class VersionConflict(Exception):
+    """Someone else replaced the table since the version the writer started from."""
+
+
+class RoutingStore:
+    def __init__(self, redis: RedisClient, prefix: str = "mailkube") -> None:
+        self.redis = redis
+        tag = f"{{{prefix}:routing}}"
+        self.table_key = f"{tag}:table"
+        self.version_key = f"{tag}:version"
+        self.channel = f"{prefix}:routing:changed"
+        self._replace = redis.register_script(_REPLACE)  # type: ignore[arg-type]
+        self._load = redis.register_script(_LOAD)  # type: ignore[arg-type]
+
+    async def replace(self, table: RoutingTable, *, expected_version: int | None = None) -> int:
+        """Publish a new table; returns its version. With `expected_version`, raise
+        VersionConflict instead of overwriting a newer table."""
+        expected = "" if expected_version is None else str(expected_version)
+        version, done = await self._replace(
+            keys=[self.table_key, self.version_key],
+            args=[table.model_dump_json(), expected, self.channel],
+        )
+        if not done:
+            raise VersionConflict(f"routing table is at version {version}, not {expected}")
+        return int(version)
+
+    async def version(self) -> int:
+        return int(await self.redis.get(self.version_key) or 0)
+
+    async def load(self) -> RoutingSnapshot:
+        version, data = await self._load(keys=[self.table_key, self.version_key])
+        if not data:
+            return RoutingSnapshot(RoutingTable(), int(version))
+        return RoutingSnapshot(RoutingTable.model_validate_json(data), int(version))
+
+
+class RoutingReader:
+    """Keeps `snapshot` current: reloads on a change notification, and checks the version
+    every `check_interval` in case a notification was missed (pub/sub is fire-and-forget)."""
+
+    def __init__(self, store: RoutingStore, check_interval: timedelta = timedelta(seconds=5)):
+        self.store = store
+        self.check_interval = check_interval
+        self.snapshot = RoutingSnapshot.empty()
+        self._changed = asyncio.Condition()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load the current table (raises if Redis is unreachable), then follow changes."""
+        await self._reload()
+        self._task = asyncio.create_task(self._follow(), name="routing-reader")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def wait_for_version(self, version: int, timeout: float) -> RoutingSnapshot:
+        """Wait until the snapshot is at `version` or newer (TimeoutError otherwise)."""
+        async with self._changed:
+            await asyncio.wait_for(
+                self._changed.wait_for(lambda: self.snapshot.version >= version), timeout
+            )
+        return self.snapshot
+
+    async def _reload(self) -> None:
+        snapshot = await self.store.load()
+        if snapshot.version != self.snapshot.version:
+            self.snapshot = snapshot
+            log.info("routing table loaded", extra={"version": snapshot.version,
+                     "domains": len(snapshot.table.domains), "users": len(snapshot.table.users)})  # fmt: skip
+            async with self._changed:
+                self._changed.notify_all()
+
+    async def _follow(self) -> None:
+        while True:
+            try:
+                pubsub = self.store.redis.pubsub()
+                async with pubsub:
+                    await pubsub.subscribe(self.store.channel)
+                    await self._reload()  # anything published before the subscription
+                    while True:
+                        await pubsub.get_message(
+                            ignore_subscribe_messages=True,
+                            timeout=self.check_interval.total_seconds(),
+                        )
+                        # on a notification or after check_interval of silence alike
+                        if await self.store.version() != self.snapshot.version:
+                            await self._reload()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.warning("routing table follow failed; retrying", exc_info=True)
+                await asyncio.sleep(self.check_interval.total_seconds())
