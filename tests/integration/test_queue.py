@@ -1,0 +1,495 @@
+"""The queue's semantics (ARCHITECTURE.md "Queue") against a real Redis: a private standalone
+server with 1 partition, and a local 3-master Redis Cluster with 4 partitions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+from mailkube_core.queue import (
+    Claimed,
+    Envelope,
+    FailedRecipients,
+    Notify,
+    Queue,
+    QueueConsumer,
+    Recipient,
+    RecipientResult,
+    RecipientStatus,
+    RetryPolicy,
+)
+
+T = TypeVar("T")
+LOCAL = "example.test"
+
+
+def is_local(address: str) -> bool:
+    return address.endswith("@" + LOCAL)
+
+
+def envelope(*recipients: str, **extra: Any) -> Envelope:
+    return Envelope(
+        mail_from=extra.pop("mail_from", "sender@remote.test"),
+        recipients=[Recipient(address=r) for r in recipients],
+        **extra,
+    )
+
+
+def delivered() -> RecipientResult:
+    return RecipientResult(status=RecipientStatus.DELIVERED, smtp_code=250)
+
+
+def deferred(text: str = "451 4.4.1 try later") -> RecipientResult:
+    return RecipientResult(
+        status=RecipientStatus.DEFERRED, enhanced_code="4.4.1", smtp_code=451, diagnostic=text
+    )
+
+
+def failed() -> RecipientResult:
+    return RecipientResult(
+        status=RecipientStatus.FAILED, enhanced_code="5.1.1", smtp_code=550, diagnostic="no such user"
+    )
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
+    """Poll `probe` until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+class Failures:
+    """A failure hook that remembers what it was given."""
+
+    def __init__(self) -> None:
+        self.calls: list[FailedRecipients] = []
+        self.raise_next = False
+
+    async def __call__(self, failed: FailedRecipients) -> None:
+        if self.raise_next:
+            self.raise_next = False
+            raise RuntimeError("bounce could not be queued")
+        self.calls.append(failed)
+
+
+@pytest.fixture(params=["standalone", "cluster"])
+async def redis_client(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, int]]:
+    """(client, partitions) — each test gets its own key prefix through `queue_factory`."""
+    if request.param == "standalone":
+        client: Any = Redis.from_url(request.getfixturevalue("redis_url"))
+        partitions = 1
+    else:
+        cluster = request.getfixturevalue("redis_cluster")
+        client = RedisCluster.from_url(cluster.url)
+        partitions = 4
+    yield client, partitions
+    await client.aclose()
+
+
+@pytest.fixture
+def failures() -> Failures:
+    return Failures()
+
+
+@pytest.fixture
+def make_queue(
+    redis_client: tuple[Any, int], failures: Failures
+) -> Callable[..., Queue]:
+    client, partitions = redis_client
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    def factory(**options: Any) -> Queue:
+        options.setdefault("partitions", partitions)
+        options.setdefault("on_failure", failures)
+        return Queue(client, prefix=prefix, **options)
+
+    return factory
+
+
+@pytest.fixture
+async def queue(make_queue: Callable[..., Queue]) -> Queue:
+    q = make_queue()
+    await q.ensure_groups()
+    return q
+
+
+async def claim_one(q: Queue, consumer: str = "c1", lane: str = "local") -> Claimed:
+    """Claim the next entry of a lane from whichever partition has one."""
+
+    async def probe() -> Claimed | None:
+        for partition in range(q.partitions):
+            got = await q.claim(consumer, lane, partition, count=1, block=None)  # type: ignore[arg-type]
+            if got:
+                return got[0]
+        return None
+
+    return await eventually(probe)
+
+
+async def nothing_to_claim(q: Queue, lane: str = "local") -> bool:
+    for partition in range(q.partitions):
+        if await q.claim("probe", lane, partition, count=1, block=None):  # type: ignore[arg-type]
+            return False
+    return True
+
+
+@pytest.mark.parametrize("size", [1, 100 * 1024, 25 * 1024 * 1024], ids=["1B", "100KiB", "25MiB"])
+async def test_enqueue_claim_ack_keeps_body_and_envelope(queue: Queue, size: int) -> None:
+    body = os.urandom(size)
+    env = envelope(
+        "alice@example.test",
+        ret="HDRS",
+        envid="QQ314159",
+        trace_context={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    )
+    (message_id,) = await queue.enqueue(env, body, is_local=is_local)
+
+    claimed = await claim_one(queue)
+    assert claimed.id == message_id
+    assert claimed.body == body
+    assert claimed.envelope == env
+    assert claimed.deliveries == 1
+
+    await queue.record(claimed, {0: delivered()})
+    settlement = await queue.settle(claimed)
+    assert settlement.outcome == "done"
+    assert await queue.inspect(message_id) is None
+    stats = await queue.stats()
+    assert stats.messages == 0
+    assert all(s.ready == s.active == s.deferred == 0 for s in stats.lanes)
+    assert await nothing_to_claim(queue)
+
+
+async def test_recipients_split_into_local_and_remote_lanes(queue: Queue) -> None:
+    env = envelope("alice@example.test", "bob@elsewhere.test", "carol@example.test")
+    ids = await queue.enqueue(env, b"mixed", is_local=is_local)
+    assert len(ids) == 2
+
+    local = await claim_one(queue, lane="local")
+    remote = await claim_one(queue, lane="remote")
+    assert [r.address for r in local.envelope.recipients] == [
+        "alice@example.test",
+        "carol@example.test",
+    ]
+    assert [r.address for r in remote.envelope.recipients] == ["bob@elsewhere.test"]
+    assert local.body == remote.body == b"mixed"
+    assert local.partition == remote.partition  # one atomic script, one hash tag
+
+
+async def test_dead_consumer_entry_goes_to_another_without_redelivering_done_recipients(
+    queue: Queue,
+) -> None:
+    env = envelope("alice@example.test", "bob@example.test")
+    (message_id,) = await queue.enqueue(env, b"hello", is_local=is_local)
+
+    dying = await claim_one(queue, consumer="pod-a")
+    await queue.record(dying, {0: delivered()})  # then pod-a dies: no settle, no ack
+
+    async def reclaim() -> Claimed | None:
+        for partition in range(queue.partitions):
+            got = await queue.reclaim(
+                "pod-b", "local", partition, min_idle=timedelta(milliseconds=50)
+            )
+            if got:
+                return got[0]
+        return None
+
+    taken = await eventually(reclaim)
+    assert taken.id == message_id
+    assert taken.consumer == "pod-b"
+    assert taken.deliveries == 2
+    assert taken.pending() == [1]  # alice is done; only bob is left
+    assert not await queue.extend(dying)  # pod-a, if it comes back, has lost the claim
+    assert await queue.extend(taken)
+
+    await queue.record(taken, {1: delivered()})
+    assert (await queue.settle(taken)).outcome == "done"
+    # the zombie's late settle finds nothing and delivers nothing twice
+    assert (await queue.settle(dying)).outcome == "gone"
+    assert await nothing_to_claim(queue)
+
+
+async def test_concurrent_consumers_never_share_an_entry(queue: Queue) -> None:
+    ids = set()
+    for n in range(60):
+        ids.update(await queue.enqueue(envelope(f"u{n}@example.test"), b"x", is_local=is_local))
+
+    async def drain(consumer: str) -> list[str]:
+        got = []
+        while True:
+            batch = []
+            for partition in range(queue.partitions):
+                batch += await queue.claim(consumer, "local", partition, count=5, block=None)
+            if not batch:
+                return got
+            got += [c.id for c in batch]
+
+    results = await asyncio.gather(*(drain(f"c{i}") for i in range(4)))
+    claimed = [message_id for result in results for message_id in result]
+    assert len(claimed) == len(set(claimed))
+    assert set(claimed) == ids
+
+
+async def test_defer_then_due_mover_returns_it_on_schedule(queue: Queue) -> None:
+    (message_id,) = await queue.enqueue(envelope("x@remote.test"), b"b", is_local=is_local)
+    claimed = await claim_one(queue, lane="remote")
+    await queue.record(claimed, {0: deferred()})
+    now = datetime.now(UTC)
+    settlement = await queue.settle(claimed, now=now)
+
+    assert settlement.outcome == "deferred"
+    assert settlement.next_attempt is not None
+    delay = settlement.next_attempt - now
+    assert timedelta(minutes=4, seconds=30) <= delay <= timedelta(minutes=5, seconds=30)
+    info = await queue.inspect(message_id)
+    assert info is not None
+    assert info.state == "deferred"
+    assert info.attempts == 1
+    assert info.last_error == "451 4.4.1 try later"
+
+    partition = claimed.partition
+    before = settlement.next_attempt - timedelta(seconds=1)
+    assert await queue.move_due("remote", partition, now=before) == 0
+    assert await nothing_to_claim(queue, "remote")
+    after = settlement.next_attempt + timedelta(milliseconds=1)
+    assert await queue.move_due("remote", partition, now=after) == 1
+    assert await queue.move_due("remote", partition, now=after) == 0  # exactly once
+
+    again = await claim_one(queue, lane="remote")
+    assert again.id == message_id
+    assert again.attempts == 1
+    assert again.results[0].status is RecipientStatus.DEFERRED
+
+
+async def test_retries_exhausted_fail_the_rest_through_the_hook(
+    make_queue: Callable[..., Queue], failures: Failures
+) -> None:
+    q = make_queue(retry=RetryPolicy(intervals=[timedelta(seconds=1)], max_retries=2))
+    await q.ensure_groups()
+    env = envelope("x@remote.test", "y@remote.test")
+    (message_id,) = await q.enqueue(env, b"body", is_local=is_local)
+
+    now = datetime.now(UTC)
+    for attempt in range(3):
+        claimed = await claim_one(q, lane="remote")
+        await q.record(claimed, {0: deferred(f"attempt {attempt}"), 1: deferred()})
+        now += timedelta(seconds=2)
+        settlement = await q.settle(claimed, now=now)
+        if attempt < 2:
+            assert settlement.outcome == "deferred"
+            assert failures.calls == []
+            await q.move_due("remote", claimed.partition, now=now + timedelta(seconds=2))
+
+    assert settlement.outcome == "done"
+    assert settlement.failed == 2
+    (call,) = failures.calls
+    assert call.message_id == message_id
+    assert call.body == b"body"
+    assert [i for i, _ in call.failed] == [0, 1]
+    first = call.failed[0][1]
+    assert first.status is RecipientStatus.FAILED
+    assert first.enhanced_code == "4.4.7"
+    assert "attempt 2" in (first.diagnostic or "")
+    assert await q.inspect(message_id) is None
+
+
+async def test_bounce_after_expires_an_old_message_on_first_deferral(
+    queue: Queue, failures: Failures
+) -> None:
+    old = datetime.now(UTC) - timedelta(hours=49)
+    await queue.enqueue(envelope("x@remote.test", received_at=old), b"b", is_local=is_local)
+    claimed = await claim_one(queue, lane="remote")
+    await queue.record(claimed, {0: deferred()})
+    assert (await queue.settle(claimed)).outcome == "done"
+    assert failures.calls[0].failed[0][1].enhanced_code == "4.4.7"
+
+
+async def test_mixed_outcomes_report_each_failure_once(queue: Queue, failures: Failures) -> None:
+    env = envelope("a@remote.test", "b@remote.test", "c@remote.test")
+    (message_id,) = await queue.enqueue(env, b"b", is_local=is_local)
+    claimed = await claim_one(queue, lane="remote")
+    await queue.record(claimed, {0: delivered(), 1: failed(), 2: deferred()})
+    now = datetime.now(UTC)
+    settlement = await queue.settle(claimed, now=now)
+    assert settlement.outcome == "deferred"
+    assert [[i for i, _ in call.failed] for call in failures.calls] == [[1]]
+
+    await queue.move_due("remote", claimed.partition, now=now + timedelta(hours=1))
+    again = await claim_one(queue, lane="remote")
+    assert again.pending() == [2]
+    await queue.record(again, {2: delivered()})
+    assert (await queue.settle(again)).outcome == "done"
+    assert len(failures.calls) == 1  # b was not reported a second time
+    assert await queue.inspect(message_id) is None
+
+
+async def test_a_failing_hook_keeps_the_message_and_the_failure(
+    queue: Queue, failures: Failures
+) -> None:
+    (message_id,) = await queue.enqueue(envelope("a@remote.test"), b"b", is_local=is_local)
+    claimed = await claim_one(queue, lane="remote")
+    await queue.record(claimed, {0: failed()})
+    failures.raise_next = True
+    with pytest.raises(RuntimeError):
+        await queue.settle(claimed)
+    info = await queue.inspect(message_id)
+    assert info is not None
+    assert info.state == "active"
+    assert not info.results[0].reported
+
+    assert (await queue.settle(claimed)).outcome == "done"
+    assert len(failures.calls) == 1
+
+
+def test_null_sender_and_notify_decide_dsns() -> None:
+    env = Envelope(
+        mail_from="s@remote.test",
+        recipients=[
+            Recipient(address="a@x.test"),
+            Recipient(address="b@x.test", notify=frozenset({Notify.NEVER})),
+            Recipient(address="c@x.test", notify=frozenset({Notify.SUCCESS, Notify.DELAY})),
+        ],
+    )
+    assert env.wants_dsn(0, "failure") and env.wants_dsn(0, "delay")
+    assert not env.wants_dsn(0, "success")
+    assert not env.wants_dsn(1, "failure")
+    assert env.wants_dsn(2, "success") and not env.wants_dsn(2, "failure")
+    bounce = env.model_copy(update={"mail_from": ""})
+    assert not any(bounce.wants_dsn(i, "failure") for i in range(3))
+    with pytest.raises(ValueError, match="NEVER"):
+        Recipient(address="a@x.test", notify=frozenset({Notify.NEVER, Notify.FAILURE}))
+
+
+async def test_list_inspect_retry_now_and_delete(queue: Queue) -> None:
+    ids = []
+    for n in range(3):
+        ids += await queue.enqueue(envelope(f"r{n}@remote.test"), b"x" * 10, is_local=is_local)
+    listed = await queue.list_messages()
+    assert sorted(m.id for m in listed) == sorted(ids)
+    assert all(m.state == "queued" and m.size == 10 for m in listed)
+
+    claimed = await claim_one(queue, lane="remote")
+    active = await queue.inspect(claimed.id)
+    assert active is not None
+    assert active.state == "active"
+    assert active.claimed_by == "c1"
+    await queue.record(claimed, {0: deferred()})
+    await queue.settle(claimed)
+    assert await queue.retry_now(claimed.id)
+    assert not await queue.retry_now(claimed.id)  # no longer deferred
+    info = await queue.inspect(claimed.id)
+    assert info is not None
+    assert info.state == "queued"
+
+    gone = next(i for i in ids if i != claimed.id)
+    assert await queue.delete(gone)
+    assert not await queue.delete(gone)
+    remaining = set()
+    while not await nothing_to_claim_ids(queue, remaining):
+        pass
+    assert gone not in remaining
+    assert len(remaining) == 2
+    stats = await queue.stats()
+    assert stats.messages == 2
+
+
+async def nothing_to_claim_ids(q: Queue, seen: set[str]) -> bool:
+    for partition in range(q.partitions):
+        got = await q.claim("drain", "remote", partition, count=10, block=None)
+        if got:
+            seen.update(c.id for c in got)
+            return False
+    return True
+
+
+async def test_consumer_delivers_everything_once_and_stops(queue: Queue) -> None:
+    seen: list[tuple[str, str]] = []
+    ids = set()
+    for n in range(40):
+        ids.update(
+            await queue.enqueue(
+                envelope(f"a{n}@example.test", f"b{n}@remote.test"), b"m", is_local=is_local
+            )
+        )
+
+    async def handler(claimed: Claimed) -> None:
+        for index in claimed.pending():
+            seen.append((claimed.id, claimed.envelope.recipients[index].address))
+            await queue.record(claimed, {index: delivered()})
+        await queue.settle(claimed)
+
+    consumer = QueueConsumer(queue, "pod-1", ["local", "remote"], handler, concurrency=4,
+                             poll=timedelta(milliseconds=50))  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+
+    async def all_done() -> bool:
+        return (await queue.stats()).messages == 0
+
+    await eventually(all_done, timeout=30)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert len(seen) == 80
+    assert len(set(seen)) == 80
+    assert {message_id for message_id, _ in seen} == ids
+
+
+async def test_consumer_defers_when_the_handler_crashes(queue: Queue) -> None:
+    (message_id,) = await queue.enqueue(envelope("a@remote.test"), b"m", is_local=is_local)
+
+    async def handler(claimed: Claimed) -> None:
+        raise RuntimeError("bug in delivery")
+
+    consumer = QueueConsumer(queue, "pod-1", ["remote"], handler,
+                             poll=timedelta(milliseconds=50))  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+
+    async def is_deferred() -> bool:
+        info = await queue.inspect(message_id)
+        return info is not None and info.state == "deferred"
+
+    await eventually(is_deferred)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_every_enqueued_message_survives_a_redis_sigkill(private_redis: Any) -> None:
+    """AOF with appendfsync always: what enqueue returned for is on disk before the reply."""
+    client = Redis.from_url(private_redis.url)
+    q = Queue(client, prefix="crash")
+    await q.ensure_groups()
+    ids = set()
+    envelopes = [envelope(f"u{n}@example.test") for n in range(200)]
+    results = await asyncio.gather(
+        *(q.enqueue(env, os.urandom(2048), is_local=is_local) for env in envelopes)
+    )
+    for result in results:
+        ids.update(result)
+    await client.aclose()
+
+    private_redis.kill()  # SIGKILL: no shutdown save, only the AOF
+    private_redis.restart()
+
+    client = Redis.from_url(private_redis.url)
+    q = Queue(client, prefix="crash")
+    claimed = []
+    while batch := await q.claim("after-crash", "local", 0, count=50, block=None):
+        claimed += batch
+    await client.aclose()
+    assert {c.id for c in claimed} == ids
+    assert all(len(c.body) == 2048 for c in claimed)
