@@ -15,6 +15,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
+from mailkube_core.redis_client import connect_redis
+from mailkube_core.settings import CommonSettings
 from mailkube_core.queue import (
     Claimed,
     Envelope,
@@ -470,7 +472,8 @@ async def test_consumer_defers_when_the_handler_crashes(queue: Queue) -> None:
 
 async def test_every_enqueued_message_survives_a_redis_sigkill(private_redis: Any) -> None:
     """AOF with appendfsync always: what enqueue returned for is on disk before the reply."""
-    client = Redis.from_url(private_redis.url)
+    settings = CommonSettings(redis_url=private_redis.url, redis_max_connections=8)
+    client = connect_redis(settings)
     q = Queue(client, prefix="crash")
     await q.ensure_groups()
     ids = set()
@@ -485,7 +488,7 @@ async def test_every_enqueued_message_survives_a_redis_sigkill(private_redis: An
     private_redis.kill()  # SIGKILL: no shutdown save, only the AOF
     private_redis.restart()
 
-    client = Redis.from_url(private_redis.url)
+    client = connect_redis(settings)
     q = Queue(client, prefix="crash")
     claimed = []
     while batch := await q.claim("after-crash", "local", 0, count=50, block=None):

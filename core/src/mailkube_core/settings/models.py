@@ -79,6 +79,8 @@ class CommonSettings(_Settings):
     redis_cluster: bool = False
     redis_password: SecretStr | None = None
     redis_password_file: Path | None = None
+    #: connections per process (per node on Cluster); callers beyond it wait for one
+    redis_max_connections: Annotated[int, Field(ge=2, le=10000)] = 64
     key_prefix: str = "mailkube"
     queue_partitions: Annotated[int, Field(ge=1, le=1024)] = 1
     #: replicas that must hold a message before it counts as accepted (Redis WAIT); 0 = none

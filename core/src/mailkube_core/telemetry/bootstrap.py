@@ -57,19 +57,19 @@ class Telemetry:
     def closed(self) -> bool:
         return self._closed
 
-    async def shutdown(self, timeout: float = 10.0) -> None:
+    async def shutdown(self, flush_timeout: float = 10.0) -> None:
         """Flush pending spans and metrics, then shut both providers down. Safe to call twice
         (and concurrently: a second caller returns once the first one has finished)."""
-        await asyncio.to_thread(self.shutdown_sync, timeout)
+        await asyncio.to_thread(self.shutdown_sync, flush_timeout)
 
-    def shutdown_sync(self, timeout: float = 10.0) -> None:
+    def shutdown_sync(self, flush_timeout: float = 10.0) -> None:
         """Blocking shutdown(), for atexit and synchronous callers."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             atexit.unregister(self.shutdown_sync)
-            millis = int(timeout * 1000)
+            millis = int(flush_timeout * 1000)
             for name, step in (
                 ("flush spans", lambda: self.tracer_provider.force_flush(millis)),
                 ("shut down tracer provider", self.tracer_provider.shutdown),
