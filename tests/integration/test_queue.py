@@ -12,11 +12,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
-
-from mailkube_core.redis_client import connect_redis
-from mailkube_core.settings import CommonSettings
 from mailkube_core.queue import (
     Claimed,
     Envelope,
@@ -29,6 +24,10 @@ from mailkube_core.queue import (
     RecipientStatus,
     RetryPolicy,
 )
+from mailkube_core.redis_client import connect_redis
+from mailkube_core.settings import CommonSettings
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 T = TypeVar("T")
 LOCAL = "example.test"
@@ -58,7 +57,10 @@ def deferred(text: str = "451 4.4.1 try later") -> RecipientResult:
 
 def failed() -> RecipientResult:
     return RecipientResult(
-        status=RecipientStatus.FAILED, enhanced_code="5.1.1", smtp_code=550, diagnostic="no such user"
+        status=RecipientStatus.FAILED,
+        enhanced_code="5.1.1",
+        smtp_code=550,
+        diagnostic="no such user",
     )
 
 
@@ -108,9 +110,7 @@ def failures() -> Failures:
 
 
 @pytest.fixture
-def make_queue(
-    redis_client: tuple[Any, int], failures: Failures
-) -> Callable[..., Queue]:
+def make_queue(redis_client: tuple[Any, int], failures: Failures) -> Callable[..., Queue]:
     client, partitions = redis_client
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
@@ -366,10 +366,12 @@ def test_null_sender_and_notify_decide_dsns() -> None:
             Recipient(address="c@x.test", notify=frozenset({Notify.SUCCESS, Notify.DELAY})),
         ],
     )
-    assert env.wants_dsn(0, "failure") and env.wants_dsn(0, "delay")
+    assert env.wants_dsn(0, "failure")
+    assert env.wants_dsn(0, "delay")
     assert not env.wants_dsn(0, "success")
     assert not env.wants_dsn(1, "failure")
-    assert env.wants_dsn(2, "success") and not env.wants_dsn(2, "failure")
+    assert env.wants_dsn(2, "success")
+    assert not env.wants_dsn(2, "failure")
     bounce = env.model_copy(update={"mail_from": ""})
     assert not any(bounce.wants_dsn(i, "failure") for i in range(3))
     with pytest.raises(ValueError, match="NEVER"):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from .envelope import Lane
 
-GROUP = b"workers"
+GROUP = "workers"
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 

@@ -150,7 +150,7 @@ class Queue:
         self.on_failure = on_failure
         self.min_replicas = min_replicas
         self._script: dict[str, AsyncScript] = {
-            name: redis.register_script(getattr(scripts, name))  # type: ignore[arg-type]
+            name: redis.register_script(getattr(scripts, name))
             for name in (
                 "ENQUEUE", "LOAD_CLAIMED", "DROP_ENTRY", "EXTEND", "RECORD", "FINISH",
                 "DEFER", "MOVE_DUE", "RETRY_NOW", "DELETE", "PEEK",
@@ -199,7 +199,8 @@ class Queue:
             by_lane.setdefault(lane, []).append(index)
         partition = random.randrange(self.partitions)  # noqa: S311
         keys = self.keys(partition)
-        script_keys, args = [keys.messages], [_ms(utcnow()), body]
+        script_keys: list[str] = [keys.messages]
+        args: list[Any] = [_ms(utcnow()), body]
         ids = []
         for lane, indexes in by_lane.items():
             part = envelope
@@ -244,7 +245,7 @@ class Queue:
         """New entries for this consumer; waits up to `block` when there are none."""
         stream = self.keys(partition).stream(lane)
         block_ms = None if block is None else max(1, int(block.total_seconds() * 1000))
-        reply = await self.redis.xreadgroup(
+        reply: Any = await self.redis.xreadgroup(
             GROUP, consumer, {stream: ">"}, count=count, block=block_ms
         )
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
@@ -267,7 +268,7 @@ class Queue:
         cursor: bytes | str = "0-0"
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
         while len(entries) < count:
-            reply = await self.redis.xautoclaim(
+            reply: Any = await self.redis.xautoclaim(
                 stream,
                 GROUP,
                 consumer,
@@ -372,8 +373,10 @@ class Queue:
 
     def _expired_result(self, claimed: Claimed, index: int, now: datetime) -> RecipientResult:
         last = claimed.results.get(index)
-        reason = "retry limit reached" if claimed.attempts >= self.retry.max_retries else (
-            "message expired in the queue"
+        reason = (
+            "retry limit reached"
+            if claimed.attempts >= self.retry.max_retries
+            else ("message expired in the queue")
         )
         return RecipientResult(
             status=RecipientStatus.FAILED,
@@ -429,7 +432,9 @@ class Queue:
     async def inspect(self, message_id: str) -> MessageInfo | None:
         keys = self.keys(partition_of(message_id))
         flat = await self._run(
-            "PEEK", [keys.message(message_id)] + [keys.delayed(lane) for lane in LANES], [message_id]
+            "PEEK",
+            [keys.message(message_id)] + [keys.delayed(lane) for lane in LANES],
+            [message_id],
         )
         if flat is None:
             return None
@@ -456,14 +461,14 @@ class Queue:
 
     async def body(self, message_id: str) -> bytes | None:
         key = self.keys(partition_of(message_id)).message(message_id)
-        value: bytes | None = await self.redis.hget(key, "body")
-        return value
+        value: Any = await self.redis.hget(key, "body")
+        return bytes(value) if value is not None else None
 
     async def list_messages(self, limit: int = 100) -> list[MessageInfo]:
         """The oldest `limit` messages across partitions."""
         oldest: list[tuple[float, str]] = []
         for partition in range(self.partitions):
-            members = await self.redis.zrange(
+            members: Any = await self.redis.zrange(
                 self.keys(partition).messages, 0, limit - 1, withscores=True
             )
             oldest.extend((score, member.decode()) for member, score in members)

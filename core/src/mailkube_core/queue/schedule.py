@@ -22,7 +22,7 @@ class RetryPolicy:
     def delay(self, attempts: int, rng: random.Random | None = None) -> timedelta:
         """The wait after the `attempts`-th deferral (1-based); the last interval repeats."""
         base = self.intervals[min(max(attempts, 1), len(self.intervals)) - 1]
-        factor = 1 + (rng or random).uniform(-self.jitter, self.jitter)  # noqa: S311
+        factor = 1 + (rng or random).uniform(-self.jitter, self.jitter)
         return base * factor
 
     def expired(self, attempts: int, received_at: datetime, now: datetime) -> bool:

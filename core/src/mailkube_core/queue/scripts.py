@@ -59,8 +59,9 @@ redis.call('ZREM', KEYS[4], ARGV[2])
 return redis.call('DEL', KEYS[1])
 """
 
-# Temporary failure (`deliveries`, the claims since the last attempt, starts again at 0): out of the stream, into the delayed set until ARGV[3]. Only the consumer
-# whose ack lands reschedules, so two consumers racing on a reclaimed entry defer it once.
+# Temporary failure: out of the stream, into the delayed set until ARGV[3]; `deliveries` (claims
+# since the last attempt) starts again at 0. Only the consumer whose ack lands reschedules, so
+# two consumers racing on a reclaimed entry defer it once.
 # KEYS[1] message hash, KEYS[2] stream, KEYS[3] delayed.
 # ARGV[1] entry id, ARGV[2] message id, ARGV[3] due (ms), ARGV[4] last error.
 DEFER = """

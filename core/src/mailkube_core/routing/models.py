@@ -24,7 +24,8 @@ DomainName = Annotated[str, AfterValidator(normalize_domain)]
 Address = Annotated[str, AfterValidator(normalize_address)]
 #: stored in Redis in clear (Redis holds the keys anyway); shown as ********** by repr/str
 Secret = Annotated[
-    SecretStr, PlainSerializer(lambda value: value.get_secret_value(), return_type=str, when_used="json")
+    SecretStr,
+    PlainSerializer(lambda value: value.get_secret_value(), return_type=str, when_used="json"),
 ]
 Selector = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")]
 
@@ -107,7 +108,9 @@ class RoutingTable(_Model):
     def _consistent(self) -> RoutingTable:
         names = [d.name for d in self.domains]
         if len(names) != len(set(names)):
-            raise ValueError(f"domain listed twice: {sorted({n for n in names if names.count(n) > 1})}")
+            raise ValueError(
+                f"domain listed twice: {sorted({n for n in names if names.count(n) > 1})}"
+            )
         owners: dict[str, str] = {}
         for user in self.users:
             if user.domain not in names:

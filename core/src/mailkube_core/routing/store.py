@@ -47,8 +47,8 @@ class RoutingStore:
         self.table_key = f"{tag}:table"
         self.version_key = f"{tag}:version"
         self.channel = f"{prefix}:routing:changed"
-        self._replace = redis.register_script(_REPLACE)  # type: ignore[arg-type]
-        self._load = redis.register_script(_LOAD)  # type: ignore[arg-type]
+        self._replace = redis.register_script(_REPLACE)
+        self._load = redis.register_script(_LOAD)
 
     async def replace(self, table: RoutingTable, *, expected_version: int | None = None) -> int:
         """Publish a new table; returns its version. With `expected_version`, raise
@@ -95,20 +95,22 @@ class RoutingReader:
                 await self._task
             self._task = None
 
-    async def wait_for_version(self, version: int, timeout: float) -> RoutingSnapshot:
-        """Wait until the snapshot is at `version` or newer (TimeoutError otherwise)."""
+    async def wait_for_version(self, version: int) -> RoutingSnapshot:
+        """Wait until the snapshot is at `version` or newer (bound it with asyncio.timeout)."""
         async with self._changed:
-            await asyncio.wait_for(
-                self._changed.wait_for(lambda: self.snapshot.version >= version), timeout
-            )
+            await self._changed.wait_for(lambda: self.snapshot.version >= version)
         return self.snapshot
 
     async def _reload(self) -> None:
         snapshot = await self.store.load()
         if snapshot.version != self.snapshot.version:
             self.snapshot = snapshot
-            log.info("routing table loaded", extra={"version": snapshot.version,
-                     "domains": len(snapshot.table.domains), "users": len(snapshot.table.users)})  # fmt: skip
+            table = snapshot.table
+            log.info(
+                "routing table loaded",
+                extra={"version": snapshot.version, "domains": len(table.domains),
+                       "users": len(table.users)},
+            )  # fmt: skip
             async with self._changed:
                 self._changed.notify_all()
 

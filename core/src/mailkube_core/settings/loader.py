@@ -48,7 +48,9 @@ def load_settings(
         unknown = sorted(set(values) - known)
         if unknown:
             raise SettingsError(
-                "\n".join(f"invalid setting {k} (in {config_file}): unknown setting" for k in unknown)
+                "\n".join(
+                    f"invalid setting {k} (in {config_file}): unknown setting" for k in unknown
+                )
             )
         values = {k: v for k, v in values.items() if k in model.model_fields}
     for name, value in _from_env(model, environ).items():
@@ -80,7 +82,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise SettingsError(f"settings file {path} is not valid YAML: {exc}".replace("\n", " "))
+        raise SettingsError(
+            f"settings file {path} is not valid YAML: {exc}".replace("\n", " ")
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

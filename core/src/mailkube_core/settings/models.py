@@ -26,7 +26,10 @@ from pydantic import (
 
 from .units import ByteSize, Duration
 
-_HOSTNAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?", re.I)  # noqa: E501
+_HOSTNAME = re.compile(
+    r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*\.?",
+    re.I,
+)
 
 
 def _comma_list(value: Any) -> Any:
@@ -57,7 +60,9 @@ def split_host_port(address: str) -> tuple[str | None, int]:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 HostPortList = Annotated[list[HostPort], BeforeValidator(_comma_list)]
 StrList = Annotated[list[str], BeforeValidator(_comma_list)]
-NetworkList = Annotated[list[ipaddress.IPv4Network | ipaddress.IPv6Network], BeforeValidator(_comma_list)]  # noqa: E501
+NetworkList = Annotated[
+    list[ipaddress.IPv4Network | ipaddress.IPv6Network], BeforeValidator(_comma_list)
+]
 DurationList = Annotated[list[Duration], BeforeValidator(_comma_list)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
@@ -146,7 +151,9 @@ class GatewaySettings(CommonSettings):
     def _listener_names(cls, value: list[str]) -> list[str]:
         unknown = set(value) - {"mx", "submission", "submissions"}
         if unknown:
-            raise ValueError(f"unknown listener(s) {sorted(unknown)}; use mx, submission, submissions")
+            raise ValueError(
+                f"unknown listener(s) {sorted(unknown)}; use mx, submission, submissions"
+            )
         return value
 
     @model_validator(mode="after")

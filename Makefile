@@ -1,0 +1,67 @@
+# Mailkube — `make run` starts the local stack, `make test` runs lint and the whole suite.
+# Both set up what they need first: uv, the locked Python environment, redis-server, and
+# swaks with TLS (Net::SSLeay is only a Recommends of the swaks package).
+
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# pip may put uv in ~/.local/bin; postfix's smtp-source lives in /usr/sbin.
+export PATH := $(HOME)/.local/bin:$(PATH):/usr/sbin:/sbin
+export DEBIAN_FRONTEND := noninteractive
+# Never re-lock behind the developer's back: every `uv run` uses uv.lock as it is.
+export UV_FROZEN := 1
+
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo DEBIAN_FRONTEND=noninteractive)
+APT_INSTALL := $(SUDO) apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0
+
+.PHONY: help setup run test lint format bench clean
+
+help:
+	@echo "make run | test | lint | format | bench | setup | clean"
+
+setup:
+	@pkgs=""; \
+	command -v uv >/dev/null || python3 -m pip --version >/dev/null 2>&1 || pkgs="python3-pip"; \
+	command -v redis-server >/dev/null && command -v redis-cli >/dev/null || pkgs="$$pkgs redis-server"; \
+	swaks --support 2>&1 | grep '^=== TLS supported' >/dev/null || pkgs="$$pkgs swaks libnet-ssleay-perl"; \
+	if [ -n "$$pkgs" ]; then \
+		echo "Installing Debian packages:$$pkgs"; \
+		$(SUDO) apt-get update -qq; \
+		$(APT_INSTALL) $$pkgs >/dev/null; \
+	fi; \
+	if ! command -v uv >/dev/null; then \
+		echo "Installing uv with pip"; \
+		python3 -m pip install -q uv 2>/dev/null || python3 -m pip install -q --break-system-packages uv; \
+		command -v uv >/dev/null || { echo "uv was installed but is not on PATH" >&2; exit 1; }; \
+	fi
+	@uv sync --frozen --quiet
+
+run: setup
+	uv run mailkube dev
+
+test: setup lint
+	uv run pytest
+
+lint: setup
+	uv run ruff check .
+	uv run ruff format --check .
+	uv run mypy
+
+format: setup
+	uv run ruff check --fix .
+	uv run ruff format .
+
+bench: setup
+	@command -v smtp-source >/dev/null || { \
+		echo "Installing postfix (for smtp-source), unconfigured and stopped"; \
+		echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
+		$(SUDO) apt-get update -qq; \
+		$(APT_INSTALL) postfix >/dev/null; \
+		$(SUDO) systemctl disable --now postfix >/dev/null 2>&1 || true; \
+		$(SUDO) postfix stop >/dev/null 2>&1 || true; \
+	}
+	uv run python bench/queue_bench.py
+
+clean:
+	rm -rf .run

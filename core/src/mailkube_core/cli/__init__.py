@@ -1,0 +1,1 @@
+"""The `mailkube` command line."""

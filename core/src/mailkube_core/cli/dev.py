@@ -1,0 +1,282 @@
+"""`mailkube dev`: the whole stack on this machine, in the foreground.
+
+A private redis-server (AOF appendfsync always, data in .run/redis), the routing table from
+examples/dev-routing.yaml, a self-signed certificate in .run/tls, and the gateway and worker
+processes as those components exist. Ctrl-C (or SIGTERM) stops the components first, Redis
+last. A component whose entry point exits 0 before it is ready is still a placeholder and is
+reported as not built yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import redis
+import yaml
+
+from ..redis_client import connect_redis
+from ..settings import CommonSettings
+from .devcert import ensure_self_signed
+from .routing_cmd import apply
+
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+
+class DevError(Exception):
+    pass
+
+
+@dataclass
+class Component:
+    name: str
+    module: str
+    telemetry_port: int
+    process: subprocess.Popen[bytes] | None = None
+    built: bool = True
+
+
+@dataclass
+class DevStack:
+    run_dir: Path
+    routing_file: Path
+    redis_port: int = 6479
+    mx_port: int = 2525
+    submission_port: int = 2587
+    submissions_port: int = 2465
+    stopping: threading.Event = field(default_factory=threading.Event)
+    redis: subprocess.Popen[bytes] | None = None
+    components: list[Component] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.run_dir.resolve()
+        self.components = [
+            Component("gateway", "mailkube_gateway", 9125),
+            Component("worker", "mailkube_worker", 9126),
+        ]
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def config_file(self) -> Path:
+        return self.run_dir / "mailkube.yaml"
+
+    def start(self) -> None:
+        for port in (self.redis_port, self.mx_port, self.submission_port, self.submissions_port,
+                     *(c.telemetry_port for c in self.components)):  # fmt: skip
+            if _in_use(port):
+                raise DevError(
+                    f"127.0.0.1:{port} is already in use (another `mailkube dev`?); stop it first"
+                )
+        self._start_redis()
+        self._write_config()
+        asyncio.run(self._apply_routing())
+        for component in self.components:
+            if self.stopping.is_set():
+                return
+            self._start_component(component)
+
+    def _start_redis(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise DevError("redis-server is not installed (`make run` installs it)")
+        data = self.run_dir / "redis"
+        data.mkdir(parents=True, exist_ok=True)
+        self.redis = subprocess.Popen(
+            [server, "--port", str(self.redis_port), "--bind", "127.0.0.1",
+             "--dir", str(data), "--appendonly", "yes", "--appendfsync", "always",
+             "--save", "", "--daemonize", "no", "--logfile", str(data / "redis.log")],
+            start_new_session=True,  # Ctrl-C reaches us only; we stop Redis last
+        )  # fmt: skip
+        client = redis.Redis(port=self.redis_port, socket_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.redis.poll() is not None or time.monotonic() > deadline:
+                    raise DevError(
+                        f"redis-server did not start; see {data / 'redis.log'}"
+                    ) from None
+                self.stopping.wait(0.05)
+            finally:
+                client.close()
+        _say(f"redis    ready  {self.redis_url}  (AOF appendfsync always, data in {data})")
+
+    def _write_config(self) -> None:
+        tls = self.run_dir / "tls"
+        cert, key = tls / "cert.pem", tls / "key.pem"
+        if ensure_self_signed(cert, key):
+            _say(f"tls      wrote a self-signed certificate for localhost in {tls}")
+        mail = self.run_dir / "mail"
+        mail.mkdir(parents=True, exist_ok=True)
+        config = {
+            "redis_url": self.redis_url,
+            "hostname": "localhost",
+            "log_format": "text",
+            "mx_listen": [f"127.0.0.1:{self.mx_port}"],
+            "submission_listen": [f"127.0.0.1:{self.submission_port}"],
+            "submissions_listen": [f"127.0.0.1:{self.submissions_port}"],
+            "tls_cert_file": str(cert),
+            "tls_key_file": str(key),
+            "mail_root": str(mail),
+        }
+        self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    async def _apply_routing(self) -> None:
+        client = connect_redis(CommonSettings(redis_url=self.redis_url))
+        try:
+            print("routing  ", end="", flush=True)
+            await apply(client, "mailkube", self.routing_file)
+        finally:
+            await client.aclose()
+
+    def _start_component(self, component: Component) -> None:
+        env = dict(os.environ)
+        env["MAILKUBE_CONFIG"] = str(self.config_file)
+        env["MAILKUBE_TELEMETRY_LISTEN"] = f"127.0.0.1:{component.telemetry_port}"
+        component.process = subprocess.Popen(
+            [sys.executable, "-m", component.module], env=env, start_new_session=True
+        )
+        url = f"http://127.0.0.1:{component.telemetry_port}/readyz"
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not self.stopping.is_set():
+            code = component.process.poll()
+            if code == 0:
+                component.built = False
+                component.process = None
+                _say(f"{component.name:<8} not built yet: nothing to run")
+                return
+            if code is not None:
+                raise DevError(f"{component.name} exited with status {code} before it was ready")
+            if _ready(url):
+                _say(f"{component.name:<8} ready  (metrics and health on 127.0.0.1:"
+                     f"{component.telemetry_port})")  # fmt: skip
+                return
+            if time.monotonic() > deadline:
+                raise DevError(
+                    f"{component.name} was not ready within {READY_TIMEOUT:.0f}s ({url})"
+                )
+            self.stopping.wait(0.1)
+
+    def supervise(self) -> int:
+        """Until Ctrl-C/SIGTERM (0) or a process dies (1)."""
+        while not self.stopping.wait(0.5):
+            if self.redis is not None and self.redis.poll() is not None:
+                _say(f"redis exited with status {self.redis.returncode}; stopping")
+                return 1
+            for component in self.components:
+                if component.process is not None and component.process.poll() is not None:
+                    _say(f"{component.name} exited with status {component.process.returncode}; "
+                         "stopping")  # fmt: skip
+                    return 1
+        return 0
+
+    def stop(self) -> None:
+        for component in self.components:
+            if component.process is not None:
+                _terminate(component.process, component.name)
+        if self.redis is not None:
+            _terminate(self.redis, "redis")
+        _say("stopped")
+
+    def print_usage(self) -> None:
+        gateway = next(c for c in self.components if c.name == "gateway")
+        print(f"""
+Mailkube is running locally. Domain example.test, user alice@example.test / alice-password.
+{"" if gateway.built else "(The gateway is not built yet, so nothing listens on the SMTP ports.)"}
+Send a test mail (install swaks with `apt-get install swaks`; `make run` did):
+  # inbound, as another mail server would (MX, port {self.mx_port}):
+  swaks --server 127.0.0.1:{self.mx_port} --from someone@remote.test --to alice@example.test
+  # submission with STARTTLS and AUTH (port {self.submission_port}):
+  swaks --server 127.0.0.1:{self.submission_port} --tls \\
+        --tls-verify --tls-ca-path {self.run_dir}/tls/cert.pem \\
+        --auth-user alice@example.test --auth-password alice-password \\
+        --from alice@example.test --to alice@example.test
+  # implicit TLS (port {self.submissions_port}):
+  swaks --server 127.0.0.1:{self.submissions_port} --tlsc \\
+        --auth-user alice@example.test --auth-password alice-password \\
+        --from alice@example.test --to alice@example.test
+
+Mail lands in {self.run_dir}/mail/example.test/alice/new/. In another terminal:
+  export MAILKUBE_CONFIG={self.config_file}
+  uv run mailkube queue stats
+  uv run mailkube routing show
+
+Ctrl-C stops everything.
+""", flush=True)  # fmt: skip
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _in_use(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as response:  # noqa: S310 (loopback)
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _terminate(process: subprocess.Popen[bytes], name: str) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _say(f"{name} did not stop within {STOP_TIMEOUT:.0f}s; killing it")
+        process.kill()
+        process.wait()
+
+
+def run(args: argparse.Namespace) -> int:
+    stack = DevStack(Path(args.run_dir), Path(args.routing), redis_port=args.redis_port)
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stack.stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        stack.start()
+        if stack.stopping.is_set():
+            return 0
+        stack.print_usage()
+        return stack.supervise()
+    except DevError as exc:
+        print(f"mailkube dev: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stack.stop()
+
+
+def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dev = subparsers.add_parser("dev", help="run the whole stack locally in the foreground")
+    dev.add_argument("--run-dir", default=".run", help="state directory (default: .run)")
+    dev.add_argument("--routing", default="examples/dev-routing.yaml", help="routing table file")
+    dev.add_argument("--redis-port", type=int, default=6479)
