@@ -1,0 +1,77 @@
+"""How every long-running Mailkube process starts and stops, so each entry point is only its
+own work:
+
+    def main() -> None:
+        run_service("smtp-gateway", GatewaySettings, serve)
+
+    async def serve(settings: GatewaySettings, service: Service) -> None:
+        ...start listeners; service.health.add_readiness_check("redis", ping)...
+        await service.stopping.wait()
+        ...close listeners, finish sessions...
+
+`run_service` loads the settings (a bad value: one line per field on stderr, exit status 2),
+sets up JSON logs, OpenTelemetry and the /metrics, /healthz, /readyz server, and turns SIGTERM
+and SIGINT into `service.stopping`. A second signal while stopping exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from .settings import CommonSettings, load_settings_or_exit, split_host_port
+from .telemetry import HealthServer, Telemetry, setup_logging, setup_telemetry
+
+S = TypeVar("S", bound=CommonSettings)
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    name: str
+    telemetry: Telemetry
+    health: HealthServer
+    stopping: asyncio.Event
+
+
+def run_service(
+    name: str, settings_model: type[S], main: Callable[[S, Service], Awaitable[None]]
+) -> None:
+    settings = load_settings_or_exit(settings_model, f"mailkube-{name}")
+    setup_logging(name, settings.log_level, settings.log_format)
+    try:
+        asyncio.run(_run(name, settings, main))
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        sys.exit(130)
+
+
+async def _run(name: str, settings: S, main: Callable[[S, Service], Awaitable[None]]) -> None:
+    telemetry = setup_telemetry(name)
+    health = HealthServer()
+    service = Service(name, telemetry, health, asyncio.Event())
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if service.stopping.is_set():
+            log.warning("second signal while stopping; exiting now")
+            raise SystemExit(1)
+        log.info("stopping", extra={"signal": signal.Signals(signum).name})
+        service.stopping.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    if settings.telemetry_listen:
+        host, port = split_host_port(settings.telemetry_listen)
+        await health.start(host, port)
+    log.info("starting", extra={"service": name, "hostname": settings.hostname})
+    try:
+        await main(settings, service)
+    finally:
+        await health.stop()
+        await telemetry.shutdown()
+        log.info("stopped")
