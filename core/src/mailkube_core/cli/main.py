@@ -71,3 +71,7 @@ async def _with_redis(args: argparse.Namespace, settings: CommonSettings) -> int
         return 0
     finally:
         await redis.aclose()
+
+
+if __name__ == "__main__":
+    main()
