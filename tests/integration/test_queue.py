@@ -12,6 +12,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
 from mailkube_core.queue import (
     Claimed,
     Envelope,
@@ -26,8 +29,6 @@ from mailkube_core.queue import (
 )
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.settings import CommonSettings
-from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 
 T = TypeVar("T")
 LOCAL = "example.test"
