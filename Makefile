@@ -15,10 +15,10 @@ export UV_FROZEN := 1
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo DEBIAN_FRONTEND=noninteractive)
 APT_INSTALL := $(SUDO) apt-get install -y -qq --no-install-recommends -o Dpkg::Use-Pty=0
 
-.PHONY: help setup run test lint format bench clean
+.PHONY: help setup run test lint format docs bench clean
 
 help:
-	@echo "make run | test | lint | format | bench | setup | clean"
+	@echo "make run | test | lint | format | docs | bench | setup | clean"
 
 setup:
 	@pkgs=""; \
@@ -51,6 +51,9 @@ lint: setup
 format: setup
 	uv run ruff check --fix .
 	uv run ruff format .
+
+docs: setup
+	uv run python -m mailkube_core.settings.reference > docs/configuration.md
 
 bench: setup
 	@command -v smtp-source >/dev/null || { \

@@ -74,28 +74,42 @@ DEFAULT_RETRY_INTERVALS: tuple[timedelta, ...] = (
 
 
 class _Settings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+    )
 
 
 class CommonSettings(_Settings):
     """What every process needs: Redis, key layout, identity, logs and telemetry."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis to use: redis://, rediss:// (TLS) or unix://. Any node's URL on Cluster."""
     redis_cluster: bool = False
+    """Speak the Redis Cluster protocol."""
     redis_password: SecretStr | None = None
+    """Redis password (prefer redis_password_file)."""
     redis_password_file: Path | None = None
-    #: connections per process (per node on Cluster); callers beyond it wait for one
+    """File holding the Redis password, e.g. a mounted Secret."""
     redis_max_connections: Annotated[int, Field(ge=2, le=10000)] = 64
+    """Redis connections per process (per node on Cluster); callers beyond it wait."""
     key_prefix: str = "mailkube"
+    """Prefix of every Redis key, so several installations can share one Redis."""
     queue_partitions: Annotated[int, Field(ge=1, le=1024)] = 1
-    #: replicas that must hold a message before it counts as accepted (Redis WAIT); 0 = none
+    """Queue partitions (each its own Cluster hash tag). Raise it to spread the queue over
+    Cluster nodes; only lower it once the queue is empty."""
     queue_min_replicas: Annotated[int, Field(ge=0)] = 0
+    """Replicas that must hold a message before it is accepted (Redis WAIT); standalone
+    Redis with replicas only."""
     hostname: str = Field(default_factory=socket.getfqdn)
+    """This host's mail name: greeting, Received:, bounces. Default: the machine's FQDN."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Least severe log level written."""
     log_format: Literal["json", "text"] = "json"
-    #: the /metrics, /healthz and /readyz HTTP server; empty string turns it off
+    """json: one object per line, for log collectors; text: for people."""
     telemetry_listen: HostPort | Literal[""] = ":9100"
+    """Address of the /metrics, /healthz and /readyz HTTP server; empty turns it off."""
     routing_check_interval: Duration = timedelta(seconds=5)
+    """How often readers check the routing-table version, in case a notification was lost."""
 
     @field_validator("redis_url")
     @classmethod
@@ -130,21 +144,37 @@ class GatewaySettings(CommonSettings):
     """The SMTP gateway (issue #3 adds what it needs beyond the seed)."""
 
     mx_listen: HostPortList = [":25"]
+    """MX listener addresses (host:port, [v6]:port, or :port for every address)."""
     submission_listen: HostPortList = [":587"]
+    """Submission listener addresses: STARTTLS, then AUTH, required."""
     submissions_listen: HostPortList = [":465"]
+    """Implicit-TLS submission listener addresses (RFC 8314)."""
     tls_cert_file: Path | None = None
+    """PEM certificate chain; reloaded when the file changes."""
     tls_key_file: Path | None = None
+    """PEM private key of tls_cert_file."""
     require_tls: bool = False
+    """Refuse mail on the MX listener until the client has started TLS."""
     auth_on_mx: bool = False
+    """Offer AUTH on the MX listener too (after STARTTLS)."""
     proxy_protocol_listeners: StrList = []
+    """Listeners that expect the PROXY protocol header: mx, submission, submissions."""
     trusted_proxies: NetworkList = []
+    """Networks allowed to send a PROXY protocol header (CIDRs)."""
     max_message_size: Annotated[ByteSize, Field(gt=0)] = 26214400
+    """Largest message accepted, in bytes (SIZE); e.g. 26214400 or 25MiB."""
     max_recipients: PositiveInt = 100
+    """Recipients per message; more get 452 4.5.3."""
     read_timeout: Duration = timedelta(seconds=60)
+    """Longest wait for a client's next line."""
     write_timeout: Duration = timedelta(seconds=60)
+    """Longest wait for a client to take a reply."""
     max_connections_per_ip: PositiveInt = 10
+    """Concurrent connections from one client address."""
     max_messages_per_minute: PositiveInt = 30
+    """Messages per minute from one sender (authenticated user or client address)."""
     postmaster: str | None = None
+    """Mailbox that receives mail for postmaster (RFC 5321 §4.5.1)."""
 
     @field_validator("proxy_protocol_listeners")
     @classmethod
@@ -167,26 +197,42 @@ class SmartHostSettings(_Settings):
     """A relay for all remote mail (for clouds that block port 25)."""
 
     host: str
+    """Relay host name."""
     port: Annotated[int, Field(gt=0, lt=65536)] = 587
+    """Relay port."""
     tls: Literal["starttls", "implicit", "none"] = "starttls"
+    """How to reach it: STARTTLS, implicit TLS, or plain (trusted networks only)."""
     username: str | None = None
+    """AUTH user name, if the relay wants one."""
     password_file: Path | None = None
+    """File holding the AUTH password, e.g. a mounted Secret."""
 
 
 class WorkerSettings(CommonSettings):
     """The delivery worker (issue #5 adds what it needs beyond the seed)."""
 
     role: Literal["local", "remote", "all"] = "all"
+    """local: mailbox delivery (mounts the mail volume); remote: SMTP out; all: both."""
     queue_workers: PositiveInt = 4
+    """Deliveries in flight at once in this process."""
     mail_root: Path = Path("/var/mail")
+    """Root of the maildirs: <mail_root>/<domain>/<localpart>/."""
     retry_intervals: DurationList = list(DEFAULT_RETRY_INTERVALS)
+    """Waits before each retry after a temporary failure; the last one repeats."""
     retry_jitter: Annotated[float, Field(ge=0, le=1)] = 0.1
+    """Each wait is stretched or shrunk at random by up to this fraction."""
     max_retries: Annotated[int, Field(ge=0)] = 7
+    """Retries before the remaining recipients fail and bounce."""
     bounce_after: Duration = timedelta(hours=48)
+    """Time in the queue after which the remaining recipients fail and bounce."""
     delay_warning_after: Duration = timedelta(hours=4)
+    """Time in the queue after which a delay DSN (Action: delayed) is sent."""
     visibility_timeout: Duration = timedelta(minutes=5)
+    """A claimed message not settled for this long goes to another worker (a dead pod's)."""
     smart_host: SmartHostSettings | None = None
+    """Send all remote mail through this relay (for clouds that block port 25)."""
     telemetry_listen: HostPort | Literal[""] = ":9101"
+    """Address of the /metrics, /healthz and /readyz HTTP server; empty turns it off."""
 
     @field_validator("retry_intervals")
     @classmethod
@@ -200,8 +246,11 @@ class OperatorSettings(CommonSettings):
     """The Kubernetes operator (issue #6 adds what it needs)."""
 
     namespace: str = "default"
+    """Namespace whose MailDomain and MailUser resources the operator serves."""
     cluster_wide: bool = False
+    """Serve every namespace instead."""
     telemetry_listen: HostPort | Literal[""] = ":9102"
+    """Address of the /metrics, /healthz and /readyz HTTP server; empty turns it off."""
 
 
 ALL_SETTINGS: tuple[type[CommonSettings], ...] = (GatewaySettings, WorkerSettings, OperatorSettings)
