@@ -1,1 +1,4 @@
-"""Mailkube the delivery worker (maildir and remote SMTP delivery, retries, bounces). Not built yet: see issue #5."""
+"""Mailkube the delivery worker (maildirs, remote SMTP, bounces).
+
+Not built yet: see issue #5.
+"""

@@ -1,1 +1,4 @@
-"""Mailkube the Kubernetes operator (MailDomain and MailUser into the routing table). Not built yet: see issue #6."""
+"""Mailkube the Kubernetes operator (custom resources to routing).
+
+Not built yet: see issue #6.
+"""

@@ -1,4 +1,4 @@
-"""Entry point of `mailkube-operator`: the Kubernetes operator (MailDomain and MailUser into the routing table).
+"""Entry point of `mailkube-operator`: the Kubernetes operator (custom resources to routing).
 
 A placeholder until issue #6 builds it: it says what it will be and exits 0, which
 `mailkube dev` reads as "this component has nothing to run yet".
@@ -6,9 +6,11 @@ A placeholder until issue #6 builds it: it says what it will be and exits 0, whi
 
 import sys
 
+WHAT = "the Kubernetes operator (custom resources to routing)"
+
 
 def main() -> None:
-    print("mailkube-operator: the Kubernetes operator (MailDomain and MailUser into the routing table); not built yet (issue #6)", file=sys.stderr)
+    print(f"mailkube-operator: {WHAT}; not built yet (issue #6)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Entry point of `mailkube-gateway`: the SMTP gateway (MX 25, submission 587, implicit TLS 465).
+"""Entry point of `mailkube-gateway`: the SMTP gateway (MX, submission, implicit TLS).
 
 A placeholder until issue #3 builds it: it says what it will be and exits 0, which
 `mailkube dev` reads as "this component has nothing to run yet".
@@ -6,9 +6,11 @@ A placeholder until issue #3 builds it: it says what it will be and exits 0, whi
 
 import sys
 
+WHAT = "the SMTP gateway (MX, submission, implicit TLS)"
+
 
 def main() -> None:
-    print("mailkube-gateway: the SMTP gateway (MX 25, submission 587, implicit TLS 465); not built yet (issue #3)", file=sys.stderr)
+    print(f"mailkube-gateway: {WHAT}; not built yet (issue #3)", file=sys.stderr)
 
 
 if __name__ == "__main__":
