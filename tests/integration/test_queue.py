@@ -499,3 +499,22 @@ async def test_every_enqueued_message_survives_a_redis_sigkill(private_redis: An
     await client.aclose()
     assert {c.id for c in claimed} == ids
     assert all(len(c.body) == 2048 for c in claimed)
+
+
+async def test_queue_counts_show_on_the_metrics_endpoint(queue: Queue) -> None:
+    from prometheus_client import REGISTRY, generate_latest
+
+    from mailkube_core.telemetry import setup_telemetry
+
+    setup_telemetry("queue-test")
+
+    def enqueued_local() -> float:
+        for line in generate_latest(REGISTRY).decode().splitlines():
+            if line.startswith("mailkube_queue_enqueued_total{") and 'lane="local"' in line:
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = enqueued_local()
+    await queue.enqueue(envelope("a@example.test"), b"x", is_local=is_local)
+    await queue.enqueue(envelope("b@example.test"), b"x", is_local=is_local)
+    assert enqueued_local() == before + 2

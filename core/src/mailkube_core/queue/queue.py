@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from opentelemetry import metrics
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
@@ -28,6 +29,21 @@ from .keys import GROUP, PartitionKeys, new_message_id, partition_of
 from .schedule import RetryPolicy
 
 log = logging.getLogger(__name__)
+
+# The API's proxy meter binds these to the process's provider once run_service sets it up.
+_meter = metrics.get_meter("mailkube.queue")
+_enqueued = _meter.create_counter(
+    "mailkube.queue.enqueued", unit="{message}", description="Messages queued, by lane"
+)
+_settled = _meter.create_counter(
+    "mailkube.queue.settled", unit="{message}", description="Settlements, by lane and outcome"
+)
+_failed = _meter.create_counter(
+    "mailkube.queue.failed_recipients", unit="{recipient}", description="Recipients failed"
+)
+_reclaimed = _meter.create_counter(
+    "mailkube.queue.reclaimed", unit="{message}", description="Claims taken from dead consumers"
+)
 
 
 @dataclass(frozen=True)
@@ -222,6 +238,8 @@ class Queue:
                 raise ConnectionError(f"only {acked} of {self.min_replicas} replicas hold it")
         else:
             await self._run("ENQUEUE", script_keys, args)
+        for lane in by_lane:
+            _enqueued.add(1, {"lane": lane})
         return ids
 
     # --- consumer -------------------------------------------------------------------------
@@ -280,6 +298,8 @@ class Queue:
             entries.extend(item for item in items if item[1] is not None)
             if cursor in (b"0-0", "0-0"):
                 break
+        if entries:
+            _reclaimed.add(len(entries), {"lane": lane})
         return await self._load(consumer, lane, partition, entries)
 
     async def _load(
@@ -364,11 +384,15 @@ class Queue:
             await self.record(
                 claimed, {i: r.model_copy(update={"reported": True}) for i, r in unreported}
             )
+        if unreported:
+            _failed.add(len(unreported), {"lane": claimed.lane})
         if not pending:
             await self.ack(claimed)
+            _settled.add(1, {"lane": claimed.lane, "outcome": "done"})
             return Settlement("done", failed=len(unreported))
         due = now + self.retry.delay(claimed.attempts + 1)
         await self.defer(claimed, due, self._last_error(claimed, pending))
+        _settled.add(1, {"lane": claimed.lane, "outcome": "deferred"})
         return Settlement("deferred", next_attempt=due, failed=len(unreported))
 
     def _expired_result(self, claimed: Claimed, index: int, now: datetime) -> RecipientResult:
