@@ -518,3 +518,12 @@ async def test_queue_counts_show_on_the_metrics_endpoint(queue: Queue) -> None:
     await queue.enqueue(envelope("a@example.test"), b"x", is_local=is_local)
     await queue.enqueue(envelope("b@example.test"), b"x", is_local=is_local)
     assert enqueued_local() == before + 2
+
+
+async def test_claim_recreates_a_vanished_group(queue: Queue) -> None:
+    """A Redis without persistence that restarted has no streams: consumers carry on."""
+    for partition in range(queue.partitions):
+        await queue.redis.delete(queue.keys(partition).stream("local"))
+    assert await nothing_to_claim(queue)  # NOGROUP is absorbed, the group is back
+    await queue.enqueue(envelope("a@example.test"), b"x", is_local=is_local)
+    assert (await claim_one(queue)).body == b"x"

@@ -263,9 +263,16 @@ class Queue:
         """New entries for this consumer; waits up to `block` when there are none."""
         stream = self.keys(partition).stream(lane)
         block_ms = None if block is None else max(1, int(block.total_seconds() * 1000))
-        reply: Any = await self.redis.xreadgroup(
-            GROUP, consumer, {stream: ">"}, count=count, block=block_ms
-        )
+        try:
+            reply: Any = await self.redis.xreadgroup(
+                GROUP, consumer, {stream: ">"}, count=count, block=block_ms
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            # the stream is gone (a Redis without persistence restarted, or a flush)
+            await self.ensure_groups()
+            return []
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
         for _stream, items in reply or []:
             entries.extend(items)
@@ -286,14 +293,19 @@ class Queue:
         cursor: bytes | str = "0-0"
         entries: list[tuple[bytes, dict[bytes, bytes]]] = []
         while len(entries) < count:
-            reply: Any = await self.redis.xautoclaim(
-                stream,
-                GROUP,
-                consumer,
-                int(min_idle.total_seconds() * 1000),
-                start_id=cursor,
-                count=count - len(entries),
-            )
+            try:
+                reply: Any = await self.redis.xautoclaim(
+                    stream,
+                    GROUP,
+                    consumer,
+                    int(min_idle.total_seconds() * 1000),
+                    start_id=cursor,
+                    count=count - len(entries),
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                return []
             cursor, items = reply[0], reply[1]
             entries.extend(item for item in items if item[1] is not None)
             if cursor in (b"0-0", "0-0"):
