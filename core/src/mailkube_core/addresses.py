@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 
+import idna
+
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -13,8 +15,10 @@ def normalize_domain(domain: str) -> str:
     not a valid domain name."""
     name = domain.strip().rstrip(".")
     try:
-        ascii_name = name.encode("idna").decode("ascii").lower()
-    except UnicodeError as exc:
+        # UTS #46 mapping (case folding, full-width dots) then IDNA2008, non-transitional:
+        # straße.de stays itself (xn--strae-oqa.de) instead of becoming strasse.de
+        ascii_name = idna.encode(name, uts46=True).decode("ascii").lower()
+    except (idna.IDNAError, UnicodeError) as exc:
         raise ValueError(f"not a valid domain name: {domain!r}") from exc
     labels = ascii_name.split(".")
     if len(ascii_name) > 253 or len(labels) < 1 or not all(_LABEL.fullmatch(x) for x in labels):
@@ -34,6 +38,10 @@ def normalize_address(address: str) -> str:
     """Case-folded local part (Mailkube treats local parts case-insensitively, as nearly every
     mail system does), normalised domain."""
     local, domain = split_address(address.strip())
-    if len(local) > 64 or any(c.isspace() or c in '<>"' for c in local):
+    local = local.lower()  # may grow: "İ".lower() is two code points, so check after
+    # RFC 5321 §4.5.3.1.1: at most 64 octets
+    if len(local.encode()) > 64 or any(
+        c.isspace() or c in '<>"' or ord(c) < 32 or ord(c) == 127 for c in local
+    ):
         raise ValueError(f"not a valid local part: {local!r}")
-    return f"{local.lower()}@{normalize_domain(domain)}"
+    return f"{local}@{normalize_domain(domain)}"

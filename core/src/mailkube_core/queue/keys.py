@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -11,6 +12,7 @@ from .envelope import Lane
 
 GROUP = "workers"
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_MESSAGE_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{22}\.[0-9]{1,4}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,6 @@ def new_message_id(partition: int) -> str:
 
 def partition_of(message_id: str) -> int:
     """The partition a message id names; ValueError for a malformed id."""
-    token, sep, number = message_id.rpartition(".")
-    if not sep or len(token) != 22 or not number.isdigit():
+    if not _MESSAGE_ID.fullmatch(message_id):
         raise ValueError(f"not a message id: {message_id!r}")
-    return int(number)
+    return int(message_id.rpartition(".")[2])

@@ -89,11 +89,15 @@ class RoutingReader:
         self._task = asyncio.create_task(self._follow(), name="routing-reader")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
+        task, self._task = self._task, None
+        # Cancel until it is done: on Python 3.11, asyncio.wait_for (which redis-py puts
+        # around socket operations) can swallow a cancellation that lands as it completes.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+        if task is not None:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
     async def wait_for_version(self, version: int) -> RoutingSnapshot:
         """Wait until the snapshot is at `version` or newer (bound it with asyncio.timeout)."""

@@ -45,7 +45,7 @@ def load_settings(
         values = _read_file(Path(config_file))
         sources = {key: f"{key} in {config_file}" for key in values}
         known = set().union(*(m.model_fields for m in ALL_SETTINGS))
-        unknown = sorted(set(values) - known)
+        unknown = sorted(str(k) for k in set(values) - known)
         if unknown:
             raise SettingsError(
                 "\n".join(
@@ -54,6 +54,8 @@ def load_settings(
             )
         values = {k: v for k, v in values.items() if k in model.model_fields}
     for name, value in _from_env(model, environ).items():
+        if isinstance(value, dict) and isinstance(values.get(name), dict):
+            value = {**values[name], **value}  # MAILKUBE_SMART_HOST__PORT keeps the file's host
         values[name] = value
         sources[name] = f"{ENV_PREFIX}{name.upper()}"
     try:
@@ -82,9 +84,11 @@ def _read_file(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise SettingsError(
-            f"settings file {path} is not valid YAML: {exc}".replace("\n", " ")
-        ) from None
+        # only the position and the parser's own words: the offending line may hold a secret
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise SettingsError(f"settings file {path} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

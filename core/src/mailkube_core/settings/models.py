@@ -60,9 +60,20 @@ def split_host_port(address: str) -> tuple[str | None, int]:
 HostPort = Annotated[str, AfterValidator(_host_port)]
 HostPortList = Annotated[list[HostPort], BeforeValidator(_comma_list)]
 StrList = Annotated[list[str], BeforeValidator(_comma_list)]
-NetworkList = Annotated[
-    list[ipaddress.IPv4Network | ipaddress.IPv6Network], BeforeValidator(_comma_list)
-]
+
+
+def _network(value: Any) -> Any:
+    """A CIDR, parsed here so that a bad one is one error, not one per IP version."""
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip())
+        except ValueError:
+            raise ValueError(f"not a network: {value!r} (use CIDR, e.g. 10.0.0.0/8)") from None
+    return value
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_network)]
+NetworkList = Annotated[list[Network], BeforeValidator(_comma_list)]
 DurationList = Annotated[list[Duration], BeforeValidator(_comma_list)]
 PositiveInt = Annotated[int, Field(gt=0)]
 

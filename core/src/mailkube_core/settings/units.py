@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import timedelta
 from typing import Annotated, Any
@@ -19,18 +20,22 @@ _SIZE_UNITS = {
 
 
 def parse_duration(value: Any) -> Any:
-    """'1h30m' -> timedelta(hours=1, minutes=30); a bare number is seconds.
-
-    Anything else is handed to pydantic unchanged so that its error names the field."""
+    """'1h30m' -> timedelta(hours=1, minutes=30); a bare number is seconds. Negative, infinite
+    and overflowing values are refused. Anything but a number or a string goes to pydantic
+    unchanged, so that its error names the field."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=value)
+        return _seconds(float(value), value)
     if not isinstance(value, str):
         return value
     text = value.strip().lower()
     try:
-        return timedelta(seconds=float(text))
+        seconds = float(text)
     except ValueError:
-        pass
+        seconds = _sum_of_parts(text, value)
+    return _seconds(seconds, value)
+
+
+def _sum_of_parts(text: str, original: str) -> float:
     pos, total = 0, 0.0
     for match in _DURATION_PART.finditer(text):
         if match.start() != pos:
@@ -38,8 +43,17 @@ def parse_duration(value: Any) -> Any:
         total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
         pos = match.end()
     if pos != len(text) or not text:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 90s, 5m, 48h, 1h30m)")
-    return timedelta(seconds=total)
+        raise ValueError(f"not a duration: {original!r} (use e.g. 90s, 5m, 48h, 1h30m)")
+    return total
+
+
+def _seconds(seconds: float, original: object) -> timedelta:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {original!r} (must be finite and not negative)")
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"not a duration: {original!r} (too long)") from None
 
 
 def parse_size(value: Any) -> Any:

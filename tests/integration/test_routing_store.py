@@ -1,0 +1,281 @@
+"""The routing table in a real Redis: atomic versioned replace, change notification, and the
+periodic check that catches a missed notification."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
+
+import pytest
+from redis.asyncio import Redis
+
+from mailkube_core.routing import (
+    Domain,
+    RoutingReader,
+    RoutingSnapshot,
+    RoutingStore,
+    RoutingTable,
+    User,
+    VersionConflict,
+)
+
+PREFIX = "mkt"
+
+
+def make_table(*domains: str, users: tuple[str, ...] = ()) -> RoutingTable:
+    return RoutingTable(
+        domains=[Domain(name=d) for d in domains], users=[User(address=u) for u in users]
+    )
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.01)
+
+
+async def wait_for(reader: RoutingReader, version: int, timeout: float) -> RoutingSnapshot:
+    """The reader's snapshot once it is at `version` or newer; TimeoutError past `timeout`."""
+    async with asyncio.timeout(timeout):
+        return await reader.wait_for_version(version)
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def store(redis: Redis) -> RoutingStore:
+    return RoutingStore(redis, prefix=PREFIX)
+
+
+async def stop_within(reader: RoutingReader, timeout: float = 5.0) -> bool:
+    """reader.stop(), bounded: True if it returned in time. Otherwise the reader's task is
+    cancelled again (so a lost cancellation cannot hang the suite) and False is returned."""
+    task = reader._task
+    stopping = asyncio.create_task(reader.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=timeout)
+    if done:
+        stopping.result()
+        return True
+    while task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    await asyncio.wait({stopping}, timeout=1.0)
+    return False
+
+
+@pytest.fixture
+async def readers(store: RoutingStore) -> AsyncIterator[list[RoutingReader]]:
+    """Readers a test starts; all stopped at the end."""
+    started: list[RoutingReader] = []
+    yield started
+    for reader in started:
+        await stop_within(reader)
+
+
+async def start_reader(
+    store: RoutingStore, readers: list[RoutingReader], check_interval: timedelta | None = None
+) -> RoutingReader:
+    """A started reader whose subscription is in place, so a PUBLISH from now on reaches it."""
+    reader = (
+        RoutingReader(store)
+        if check_interval is None
+        else RoutingReader(store, check_interval=check_interval)
+    )
+    await reader.start()
+    readers.append(reader)
+    await eventually(lambda: _subscribed(store, len(readers)))
+    return reader
+
+
+async def test_empty_store_is_version_zero(store: RoutingStore) -> None:
+    assert await store.version() == 0
+    snapshot = await store.load()
+    assert snapshot.version == 0
+    assert snapshot.table == RoutingTable()
+
+
+async def test_replace_bumps_the_version_and_load_sees_it(store: RoutingStore) -> None:
+    v1 = await store.replace(make_table("one.test"))
+    v2 = await store.replace(make_table("two.test", users=("a@two.test",)))
+    assert (v1, v2) == (1, 2)
+    assert await store.version() == 2
+    snapshot = await store.load()
+    assert snapshot.version == 2
+    assert snapshot.is_local_domain("two.test")
+    assert not snapshot.is_local_domain("one.test")
+    assert snapshot.resolve("A@two.test") is not None
+
+
+async def test_keys_share_one_hash_tag(store: RoutingStore, redis: Redis) -> None:
+    await store.replace(make_table("one.test"))
+    tag = f"{{{PREFIX}:routing}}"
+    assert store.table_key.startswith(tag)
+    assert store.version_key.startswith(tag)
+    assert sorted(await redis.keys("*")) == sorted(
+        [store.table_key.encode(), store.version_key.encode()]
+    )
+
+
+async def test_secrets_survive_the_round_trip(store: RoutingStore) -> None:
+    table = RoutingTable.model_validate(
+        {
+            "domains": [
+                {
+                    "name": "one.test",
+                    "dkim": [
+                        {"selector": "s1", "algorithm": "ed25519-sha256", "private_key": "seed=="}
+                    ],
+                }
+            ]
+        }
+    )
+    await store.replace(table)
+    loaded = (await store.load()).table
+    assert loaded == table
+    assert loaded.domains[0].dkim[0].private_key.get_secret_value() == "seed=="
+
+
+async def test_expected_version_conflict(store: RoutingStore) -> None:
+    v1 = await store.replace(make_table("one.test"))
+    v2 = await store.replace(make_table("two.test"), expected_version=v1)
+    assert v2 == v1 + 1
+    with pytest.raises(VersionConflict, match=f"version {v2}"):
+        await store.replace(make_table("three.test"), expected_version=v1)
+    # the losing write changed nothing
+    snapshot = await store.load()
+    assert snapshot.version == v2
+    assert snapshot.is_local_domain("two.test")
+    assert not snapshot.is_local_domain("three.test")
+
+
+async def test_expected_version_zero_on_an_empty_store(store: RoutingStore) -> None:
+    assert await store.replace(make_table("one.test"), expected_version=0) == 1
+    with pytest.raises(VersionConflict):
+        await store.replace(make_table("two.test"), expected_version=0)
+
+
+async def test_concurrent_writers_with_expected_version_one_wins(store: RoutingStore) -> None:
+    base = await store.replace(make_table("base.test"))
+    results = await asyncio.gather(
+        *(store.replace(make_table(f"w{i}.test"), expected_version=base) for i in range(5)),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if isinstance(r, int)]
+    assert wins == [base + 1]
+    assert sum(isinstance(r, VersionConflict) for r in results) == 4
+
+
+async def test_two_readers_see_a_new_version_within_a_second(
+    store: RoutingStore, readers: list[RoutingReader]
+) -> None:
+    await store.replace(make_table("one.test"))
+    # a long periodic check, so only the notification can deliver the change in time
+    a = await start_reader(store, readers, timedelta(seconds=30))
+    b = await start_reader(store, readers, timedelta(seconds=30))
+    assert a.snapshot.version == b.snapshot.version == 1
+
+    version = await store.replace(make_table("two.test", users=("bob@two.test",)))
+    for reader in (a, b):
+        snapshot = await wait_for(reader, version, 1.0)
+        assert snapshot.version == version
+        assert snapshot.is_local_domain("two.test")
+        assert snapshot.resolve("bob@two.test") is not None
+
+
+async def test_reader_started_later_loads_the_current_table(
+    store: RoutingStore, readers: list[RoutingReader]
+) -> None:
+    await store.replace(make_table("one.test"))
+    version = await store.replace(make_table("two.test"))
+    reader = RoutingReader(store)
+    await reader.start()
+    readers.append(reader)
+    # start() returns with the table loaded, no waiting
+    assert reader.snapshot.version == version
+    assert reader.snapshot.is_local_domain("two.test")
+    await eventually(lambda: _subscribed(store, 1))  # before the teardown stops it
+
+
+async def test_reader_on_an_empty_store(store: RoutingStore, readers: list[RoutingReader]) -> None:
+    reader = await start_reader(store, readers, timedelta(milliseconds=200))
+    assert reader.snapshot.version == 0
+    version = await store.replace(make_table("one.test"))
+    assert (await wait_for(reader, version, 2.0)).is_local_domain("one.test")
+
+
+async def test_missed_notification_is_caught_by_the_periodic_check(
+    store: RoutingStore, readers: list[RoutingReader], redis: Redis
+) -> None:
+    await store.replace(make_table("one.test"))
+    reader = await start_reader(store, readers, timedelta(milliseconds=200))
+
+    # change the table behind the reader's back: no PUBLISH
+    table = make_table("sneaky.test", users=("eve@sneaky.test",))
+    await redis.set(store.table_key, table.model_dump_json())
+    version = await redis.incr(store.version_key)
+
+    snapshot = await wait_for(reader, version, 3.0)
+    assert snapshot.version == version
+    assert snapshot.is_local_domain("sneaky.test")
+    assert snapshot.resolve("eve@sneaky.test") is not None
+
+
+async def test_wait_for_version_times_out(
+    store: RoutingStore, readers: list[RoutingReader]
+) -> None:
+    reader = await start_reader(store, readers, timedelta(milliseconds=200))
+    with pytest.raises(TimeoutError):
+        await wait_for(reader, 5, 0.3)
+
+
+async def test_stop_ends_the_task(store: RoutingStore, readers: list[RoutingReader]) -> None:
+    reader = await start_reader(store, readers, timedelta(milliseconds=200))
+    task = reader._task
+    assert task is not None
+    assert not task.done()
+
+    assert await stop_within(reader)
+    assert task.done()
+    assert reader._task is None
+    # its subscription is gone too
+    await eventually(lambda: _subscribed(store, 0))
+    # and stopping twice is harmless
+    assert await stop_within(reader)
+
+
+async def test_stopped_reader_no_longer_follows(
+    store: RoutingStore, readers: list[RoutingReader]
+) -> None:
+    reader = await start_reader(store, readers, timedelta(milliseconds=200))
+    assert await stop_within(reader)
+    await store.replace(make_table("one.test"))
+    with pytest.raises(TimeoutError):
+        await wait_for(reader, 1, 0.5)
+    assert reader.snapshot.version == 0
+
+
+async def test_stop_right_after_start_ends_the_task(store: RoutingStore) -> None:
+    # stop() must not cancel only once: on Python 3.11,
+    # asyncio.wait_for (which redis-py 8 wraps around every command write, socket_timeout
+    # defaulting to 5 s) swallows a cancellation that arrives as the write completes; this
+    # happens reliably when stop() follows start() at once (the task is in SUBSCRIBE), and
+    # _follow() would loop for ever and a SIGTERM right after start would hang the process.
+    reader = RoutingReader(store, check_interval=timedelta(milliseconds=200))
+    await reader.start()
+    assert await stop_within(reader), "stop() did not return within 5 s"
+
+
+async def _subscribed(store: RoutingStore, count: int) -> bool:
+    """The readers' pub/sub subscriptions are in place (so a PUBLISH now reaches them)."""
+    numsub = await store.redis.pubsub_numsub(store.channel)
+    return int(numsub[0][1]) == count
