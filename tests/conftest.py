@@ -5,6 +5,8 @@
 - redis_url      (function) the shared server's URL; FLUSHALL after the test
 - private_redis  (function) a RedisServer of the test's own, to kill() / restart()
 - redis_cluster  (session)  RedisCluster of 3 masters (.url, .startup_nodes, .client())
+- telemetry      (session)  the process-wide OpenTelemetry providers (one per process), with
+                            no OTLP exporter; tests that read /metrics use it
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from mailkube_core.telemetry import Telemetry, setup_telemetry
 
 # Make the helper importable as `redis_servers` whatever pytest's import mode.
 _TESTS_DIR = str(Path(__file__).resolve().parent)
@@ -67,3 +71,14 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def telemetry() -> Iterator[Telemetry]:
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                     "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):  # fmt: skip
+            mp.delenv(name, raising=False)
+        tel = setup_telemetry("mailkube-test", version="1.2.3")
+    yield tel
+    tel.shutdown_sync()

@@ -501,12 +501,8 @@ async def test_every_enqueued_message_survives_a_redis_sigkill(private_redis: An
     assert all(len(c.body) == 2048 for c in claimed)
 
 
-async def test_queue_counts_show_on_the_metrics_endpoint(queue: Queue) -> None:
+async def test_queue_counts_show_on_the_metrics_endpoint(queue: Queue, telemetry: Any) -> None:
     from prometheus_client import REGISTRY, generate_latest
-
-    from mailkube_core.telemetry import setup_telemetry
-
-    setup_telemetry("queue-test")
 
     def enqueued_local() -> float:
         for line in generate_latest(REGISTRY).decode().splitlines():

@@ -50,17 +50,6 @@ TS = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 # -- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def telemetry() -> Iterator[Telemetry]:
-    """The process-wide providers, installed once, without any OTLP exporter."""
-    with pytest.MonkeyPatch.context() as mp:
-        for name in OTLP_ENV:
-            mp.delenv(name, raising=False)
-        tel = setup_telemetry("mailkube-test", version="1.2.3")
-    yield tel
-    tel.shutdown_sync()
-
-
 @pytest.fixture
 def root_logger() -> Iterator[logging.Logger]:
     """The root logger, restored to its previous handlers and level afterwards."""
