@@ -321,13 +321,16 @@ class Queue:
         partition: int,
         entries: Sequence[tuple[bytes, dict[bytes, bytes]]],
     ) -> list[Claimed]:
+        if not entries:
+            return []
         keys = self.keys(partition)
         claimed = []
-        now = _ms(utcnow())
-        for entry_id, entry in entries:
-            message_id = entry[b"id"].decode()
-            flat = await self._run("LOAD_CLAIMED", [keys.message(message_id)], [consumer, now])
-            if flat is None:
+        ids = [entry[b"id"].decode() for _, entry in entries]
+        loaded = await self._run(
+            "LOAD_CLAIMED", [keys.message(i) for i in ids], [consumer, _ms(utcnow())]
+        )
+        for (entry_id, _), message_id, flat in zip(entries, ids, loaded, strict=True):
+            if not flat:  # deleted from the CLI: drop its leftover stream entry
                 await self._run("DROP_ENTRY", [keys.stream(lane)], [entry_id])
                 continue
             fields = _pairs(flat)
@@ -369,6 +372,11 @@ class Queue:
         when every recipient is final, or defer the rest on the retry schedule. Recipients
         still pending when retries or time run out fail with 4.4.7 (RFC 3463)."""
         now = now or utcnow()
+        if all(r.status is RecipientStatus.DELIVERED for r in self._every_result(claimed)):
+            # the common case, in one round trip: nothing to report, nothing left to do
+            await self.ack(claimed)
+            _settled.add(1, {"lane": claimed.lane, "outcome": "done"})
+            return Settlement("done")
         keys = self.keys(claimed.partition)
         flat = await self._run("PEEK", [keys.message(claimed.id)], [claimed.id])
         if flat is None:
@@ -406,6 +414,12 @@ class Queue:
         await self.defer(claimed, due, self._last_error(claimed, pending))
         _settled.add(1, {"lane": claimed.lane, "outcome": "deferred"})
         return Settlement("deferred", next_attempt=due, failed=len(unreported))
+
+    @staticmethod
+    def _every_result(claimed: Claimed) -> list[RecipientResult]:
+        """Results for every recipient as this consumer knows them; PENDING for the rest."""
+        pending = RecipientResult(status=RecipientStatus.PENDING)
+        return [claimed.results.get(i, pending) for i in range(len(claimed.envelope.recipients))]
 
     def _expired_result(self, claimed: Claimed, index: int, now: datetime) -> RecipientResult:
         last = claimed.results.get(index)

@@ -15,13 +15,22 @@ end
 return n
 """
 
-# After XREADGROUP/XAUTOCLAIM handed us an entry: mark the claim and load the message.
-# KEYS[1] message hash. ARGV[1] consumer, ARGV[2] now (ms). Nil when the message was deleted.
+# After XREADGROUP/XAUTOCLAIM handed us entries (all of one partition, so one slot): mark each
+# claim and load each message, in one round trip.
+# KEYS message hashes. ARGV[1] consumer, ARGV[2] now (ms).
+# Returns one item per key: the hash's fields, or an empty list when the message was deleted.
 LOAD_CLAIMED = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-redis.call('HINCRBY', KEYS[1], 'deliveries', 1)
-redis.call('HSET', KEYS[1], 'claimed_by', ARGV[1], 'claimed_at', ARGV[2])
-return redis.call('HGETALL', KEYS[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    out[i] = {}
+  else
+    redis.call('HINCRBY', key, 'deliveries', 1)
+    redis.call('HSET', key, 'claimed_by', ARGV[1], 'claimed_at', ARGV[2])
+    out[i] = redis.call('HGETALL', key)
+  end
+end
+return out
 """
 
 # Drop a stream entry whose message is gone (deleted from the CLI).
