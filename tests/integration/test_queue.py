@@ -523,3 +523,39 @@ async def test_claim_recreates_a_vanished_group(queue: Queue) -> None:
     assert await nothing_to_claim(queue)  # NOGROUP is absorbed, the group is back
     await queue.enqueue(envelope("a@example.test"), b"x", is_local=is_local)
     assert (await claim_one(queue)).body == b"x"
+
+
+async def test_min_replicas_waits_for_a_replica_and_fails_without_one(
+    private_redis: Any, tmp_path: Any
+) -> None:
+    """queue_min_replicas: enqueue returns once a replica holds the message (Redis WAIT), and
+    fails like a Redis outage (the gateway's 451) when none acknowledges in time."""
+    from redis.exceptions import RedisError
+    from redis_servers import RedisServer
+
+    replica = RedisServer(
+        tmp_path / "replica", config={"replicaof": f"127.0.0.1 {private_redis.port}"}
+    )
+    replica.start()
+    primary = Redis.from_url(private_redis.url)
+    q = Queue(primary, prefix="repl", min_replicas=1, replica_timeout=timedelta(seconds=1))
+    try:
+
+        async def linked() -> bool:
+            info = await primary.info("replication")
+            return int(info.get("connected_slaves", 0)) == 1 and "online" in str(
+                info.get("slave0", {})
+            )
+
+        await eventually(linked, timeout=20)
+        (message_id,) = await q.enqueue(envelope("a@example.test"), b"x", is_local=is_local)
+        replica_client = Redis.from_url(replica.url)
+        assert await replica_client.exists(q.keys(0).message(message_id)) == 1
+        await replica_client.aclose()
+
+        replica.stop()
+        with pytest.raises(RedisError, match="0 of 1 replicas"):
+            await q.enqueue(envelope("b@example.test"), b"x", is_local=is_local)
+    finally:
+        replica.stop()
+        await primary.aclose()

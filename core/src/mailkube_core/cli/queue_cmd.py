@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from ..queue import MessageInfo, Queue, RecipientStatus
@@ -79,24 +80,24 @@ async def show(queue: Queue, message_id: str) -> int:
 
 
 async def retry(queue: Queue, ids: list[str]) -> int:
-    failures = 0
-    for message_id in ids:
-        if await queue.retry_now(message_id):
-            print(f"{message_id}: back in the queue")
-        else:
-            failures += 1
-            print(f"{message_id}: not deferred (unknown, or already queued or active)")
-    return 1 if failures else 0
+    return await _each(
+        ids, queue.retry_now, "back in the queue", "not deferred (unknown, or queued or active)"
+    )
 
 
 async def delete(queue: Queue, ids: list[str]) -> int:
+    return await _each(ids, queue.delete, "deleted", "not in the queue")
+
+
+async def _each(
+    ids: list[str], action: Callable[[str], Awaitable[bool]], done: str, not_done: str
+) -> int:
+    """Run `action` on every id, one line each; exit status 1 if any was not done."""
     failures = 0
     for message_id in ids:
-        if await queue.delete(message_id):
-            print(f"{message_id}: deleted")
-        else:
-            failures += 1
-            print(f"{message_id}: not in the queue")
+        ok = await action(message_id)
+        failures += not ok
+        print(f"{message_id}: {done if ok else not_done}")
     return 1 if failures else 0
 
 

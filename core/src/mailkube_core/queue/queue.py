@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_client import RedisClient
 from ..settings import CommonSettings, WorkerSettings
@@ -156,6 +157,7 @@ class Queue:
         retry: RetryPolicy | None = None,
         on_failure: FailureHook | None = None,
         min_replicas: int = 0,
+        replica_timeout: timedelta = timedelta(seconds=5),
     ) -> None:
         if min_replicas and isinstance(redis, RedisCluster):
             raise ValueError("queue_min_replicas (Redis WAIT) is not supported on Redis Cluster")
@@ -165,6 +167,7 @@ class Queue:
         self.retry = retry or RetryPolicy()
         self.on_failure = on_failure
         self.min_replicas = min_replicas
+        self.replica_timeout = replica_timeout
         self._script: dict[str, AsyncScript] = {
             name: redis.register_script(getattr(scripts, name))
             for name in (
@@ -232,10 +235,15 @@ class Queue:
             # WAIT counts the writes of this connection, so both go down one pipeline
             async with self.redis.pipeline(transaction=False) as pipe:
                 await self._script["ENQUEUE"](keys=script_keys, args=args, client=pipe)
-                pipe.execute_command("WAIT", self.min_replicas, 5000)
+                timeout_ms = int(self.replica_timeout.total_seconds() * 1000)
+                pipe.execute_command("WAIT", self.min_replicas, timeout_ms)
                 _, acked = await pipe.execute()
             if acked < self.min_replicas:
-                raise ConnectionError(f"only {acked} of {self.min_replicas} replicas hold it")
+                # a RedisError like any other outage: the gateway answers 451 and the client
+                # retries (the copy on the primary may then be delivered too: at-least-once)
+                raise RedisTimeoutError(
+                    f"only {acked} of {self.min_replicas} replicas hold the message"
+                )
         else:
             await self._run("ENQUEUE", script_keys, args)
         for lane in by_lane:
