@@ -1,4 +1,3 @@
-"""Mailkube the delivery worker (maildirs, remote SMTP, bounces).
-
-Not built yet: see issue #5.
-"""
+"""Mailkube the delivery worker: claims queued messages and delivers them into maildirs
+(`local` role) or to remote hosts over SMTP (`remote` role), with retries and RFC 3464
+bounces."""

@@ -1,16 +1,35 @@
 """Entry point of `mailkube-worker`: the delivery worker (maildirs, remote SMTP, bounces).
 
-A placeholder until issue #5 builds it: it says what it will be and exits 0, which
-`mailkube dev` reads as "this component has nothing to run yet".
+    mailkube-worker [--role local|remote|all]
+
+Settings come from MAILKUBE_* and MAILKUBE_CONFIG like every process; `--role` overrides the
+`role` setting.
 """
 
-import sys
+from __future__ import annotations
 
-WHAT = "the delivery worker (maildirs, remote SMTP, bounces)"
+import argparse
+import os
+
+from mailkube_core.service import run_service
+from mailkube_core.settings import WorkerSettings
+
+from .app import serve
 
 
-def main() -> None:
-    print(f"mailkube-worker: {WHAT}; not built yet (issue #5)", file=sys.stderr)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mailkube-worker", description="Mailkube delivery worker")
+    parser.add_argument(
+        "--role",
+        choices=("local", "remote", "all"),
+        help="local: maildirs (mounts the mail volume); remote: SMTP out; all: both "
+        "(default: the role setting, itself `all` by default)",
+    )
+    args = parser.parse_args(argv)
+    if args.role:
+        # the environment overrides the settings file, so this overrides both
+        os.environ["MAILKUBE_ROLE"] = args.role
+    run_service("worker", WorkerSettings, serve)
 
 
 if __name__ == "__main__":

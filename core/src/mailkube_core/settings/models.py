@@ -244,6 +244,38 @@ class WorkerSettings(CommonSettings):
     """Send all remote mail through this relay (for clouds that block port 25)."""
     telemetry_listen: HostPort | Literal[""] = ":9101"
     """Address of the /metrics, /healthz and /readyz HTTP server; empty turns it off."""
+    queue_poll_interval: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(seconds=1)
+    """How long a claim waits for new entries, and how often deferred mail is checked."""
+    shutdown_grace: Duration = timedelta(seconds=25)
+    """On SIGTERM, how long deliveries in flight may finish (keep it under the pod's
+    terminationGracePeriodSeconds); the rest are left for other workers."""
+    smtp_port: Annotated[int, Field(gt=0, lt=65536)] = 25
+    """Port of remote MX hosts (25; tests use another)."""
+    smtp_connect_timeout: Duration = timedelta(seconds=30)
+    """Longest wait for a TCP connection to a remote host."""
+    smtp_tls_ca_file: Path | None = None
+    """CA bundle that verifies remote hosts where TLS is required; default: the system's."""
+    require_tls_domains: StrList = []
+    """Destination domains that get mail only over verified TLS (others: STARTTLS when
+    offered)."""
+    mx_address_limit: PositiveInt = 5
+    """Most MX host addresses tried per delivery attempt."""
+    destination_concurrency: PositiveInt = 20
+    """Concurrent connections per destination domain (or smart host), per worker process."""
+    connection_cache_time: Duration = timedelta(seconds=5)
+    """How long an idle SMTP connection is kept for the next message to the same place."""
+    failed_host_ttl: Duration = timedelta(minutes=1)
+    """How long a host that could not be reached is skipped when another one can be tried."""
+    dns_nameservers: StrList = []
+    """Resolvers for MX lookups (IP addresses); empty: those of /etc/resolv.conf."""
+    dns_port: Annotated[int, Field(gt=0, lt=65536)] = 53
+    """Port of dns_nameservers."""
+    dns_timeout: Duration = timedelta(seconds=10)
+    """Longest wait for one DNS lookup."""
+    dsn_full_limit: ByteSize = 102400
+    """A bounce for RET=FULL returns the whole message up to this size, else its headers."""
+    events_max_length: PositiveInt = 100000
+    """Entries kept (approximately) in the message.received event stream."""
 
     @field_validator("retry_intervals")
     @classmethod

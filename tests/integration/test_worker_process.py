@@ -1,0 +1,133 @@
+"""The `mailkube-worker` process: --role, readiness, delivery, SIGTERM; SIGKILL in the middle
+of a delivery; several worker processes sharing one queue (what `kubectl scale` does)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from worker_harness import (
+    apply_routing,
+    enqueue,
+    eventually,
+    http_status,
+    maildir_files,
+    queue_empty,
+    table,
+    worker_settings,
+)
+
+from mailkube_core.routing import User
+from mailkube_core.settings import WorkerSettings
+
+ALICE = User(address="alice@example.test")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class WorkerProcess:
+    def __init__(self, settings: WorkerSettings, pod: str, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.log = Path(settings.mail_root).parent / f"{pod}.log"
+        environment = {
+            **os.environ,
+            "HOSTNAME": pod,
+            "MAILKUBE_REDIS_URL": settings.redis_url,
+            "MAILKUBE_KEY_PREFIX": settings.key_prefix,
+            "MAILKUBE_HOSTNAME": settings.hostname,
+            "MAILKUBE_MAIL_ROOT": str(settings.mail_root),
+            "MAILKUBE_TELEMETRY_LISTEN": f"127.0.0.1:{self.port}",
+            "MAILKUBE_QUEUE_POLL_INTERVAL": "50ms",
+            "MAILKUBE_RETRY_INTERVALS": "200ms",
+            **env,
+        }
+        environment.pop("MAILKUBE_CONFIG", None)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mailkube_worker", *args],
+                env=environment, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    async def ready(self) -> None:
+        async def probe() -> bool:
+            assert self.process.poll() is None, self.log.read_text()
+            return await http_status(self.port, "/readyz") == 200
+
+        await eventually(probe, timeout=30)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for worker in started:
+        worker.kill()
+
+
+async def test_worker_process_delivers_and_stops_cleanly_on_sigterm(
+    redis_url: str, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    settings = worker_settings(redis_url, tmp_path / "mail")
+    routing = await apply_routing(settings, table(ALICE))
+    worker = WorkerProcess(settings, "pod-a", "--role", "local", MAILKUBE_ROLE="remote")
+    workers.append(worker)
+    await worker.ready()
+    await enqueue(settings, ["alice@example.test"], routing=routing)
+    await eventually(lambda: _delivered(tmp_path, 1))
+    metrics = await asyncio.to_thread(_get, worker.port, "/metrics")
+    assert worker.stop() == 0
+    log = worker.log.read_text()
+    assert "'role': 'local'" in log or '"role": "local"' in log
+    assert '"consumer": "pod-a"' in log
+    assert log.rstrip().endswith('"msg": "stopped"}') or '"msg": "stopped"' in log
+    assert "mailkube_worker_recipients" in metrics
+
+
+async def _delivered(tmp_path: Path, count: int) -> bool:
+    return len(maildir_files(tmp_path / "mail", "alice@example.test")) >= count
+
+
+def _get(port: int, path: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        return str(response.read().decode())
+
+
+async def test_two_worker_processes_share_the_queue(
+    redis_url: str, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    settings = worker_settings(redis_url, tmp_path / "mail")
+    routing = await apply_routing(settings, table(ALICE))
+    workers += [WorkerProcess(settings, "pod-a"), WorkerProcess(settings, "pod-b")]
+    for worker in workers:
+        await worker.ready()
+    for _ in range(60):
+        await enqueue(settings, ["alice@example.test"], routing=routing)
+    await eventually(lambda: queue_empty(settings), timeout=60)
+    files = maildir_files(tmp_path / "mail", "alice@example.test")
+    assert len(files) == 60
+    logs = [w.log.read_text() for w in workers]
+    for worker in workers:
+        assert worker.stop() == 0
+    assert all(log.count('"msg": "delivery attempt"') > 0 for log in logs), "one worker idle"

@@ -1,0 +1,58 @@
+"""Maildir writes: layout, names, durability steps and idempotence, on a real file system."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from mailkube_worker import maildir
+
+ARRIVED = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
+
+
+def test_store_writes_new_and_leaves_tmp_empty(tmp_path: Path) -> None:
+    box = maildir.mailbox_path(tmp_path, "alice@example.test")
+    stored = maildir.store(box, "1.Mx.host,S=5", b"hello", check_existing=False)
+    assert stored.path == box / "new" / "1.Mx.host,S=5"
+    assert stored.path.read_bytes() == b"hello"
+    assert not stored.duplicate
+    assert sorted(p.name for p in box.iterdir()) == ["cur", "new", "tmp"]
+    assert list((box / "tmp").iterdir()) == []
+
+
+def test_existing_copy_in_new_or_cur_is_not_written_again(tmp_path: Path) -> None:
+    box = maildir.mailbox_path(tmp_path, "alice@example.test")
+    first = maildir.store(box, "n1", b"one", check_existing=True)
+    again = maildir.store(box, "n1", b"one", check_existing=True)
+    assert again.duplicate
+    first.path.rename(box / "cur" / "n1:2,RS")
+    after_imap = maildir.store(box, "n1", b"one", check_existing=True)
+    assert after_imap.duplicate
+    assert list((box / "new").iterdir()) == []
+    # a different message with a name sharing the prefix is not a duplicate
+    assert not maildir.store(box, "n", b"two", check_existing=True).duplicate
+
+
+def test_unique_name_is_deterministic_per_message_and_mailbox() -> None:
+    a = maildir.unique_name("01ABC.0", "alice@example.test", ARRIVED, "mx1", 10)
+    assert a == maildir.unique_name("01ABC.0", "alice@example.test", ARRIVED, "mx1", 10)
+    assert a != maildir.unique_name("01ABC.0", "carol@example.test", ARRIVED, "mx1", 10)
+    assert a != maildir.unique_name("01ABD.0", "alice@example.test", ARRIVED, "mx1", 10)
+    assert a.startswith(f"{int(ARRIVED.timestamp())}.M01ABC_0_")
+    assert a.endswith(".mx1,S=10")
+    odd = maildir.unique_name("01ABC.0", "a@b", ARRIVED, "h/o:st", 1)
+    assert "/" not in odd
+    assert ":" not in odd
+
+
+def test_local_parts_cannot_climb_out_of_the_domain(tmp_path: Path) -> None:
+    for local in ("..", "../../etc", ".hidden", "a/b"):
+        path = maildir.mailbox_path(tmp_path, f"{local}@example.test")
+        assert path.parent == tmp_path / "example.test"
+        assert not path.name.startswith(".")
+    assert maildir.mailbox_path(tmp_path, "a@example.test", "Junk").name == ".Junk"
+
+
+def test_render_prepends_trace_headers_and_uses_lf() -> None:
+    content = maildir.render(b"Subject: x\r\n\r\nbody\r\n", "", "alice@example.test")
+    assert content == b"Return-Path: <>\nDelivered-To: alice@example.test\nSubject: x\n\nbody\n"
