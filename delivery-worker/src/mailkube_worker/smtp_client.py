@@ -120,10 +120,11 @@ class SmtpSession:
             raise
         except aiosmtplib.SMTPAuthenticationError as exc:
             smtp.close()
-            raise SessionError(
-                enhanced_code(exc.code, exc.message), f"AUTH: {exc.code} {one_line(exc.message)}",
-                smtp_code=exc.code,
-            ) from exc  # fmt: skip
+            # deferred even on 535: a rejected login is a configuration error to fix, not a
+            # reason to bounce the mail (Postfix's smtp_sasl_auth_soft_bounce)
+            code = "4" + enhanced_code(exc.code, exc.message)[1:]
+            text = f"{peer.name}: AUTH: {exc.code} {one_line(exc.message)}"
+            raise SessionError(code, text, smtp_code=exc.code) from exc
         except aiosmtplib.SMTPResponseException as exc:  # greeting or EHLO refused
             smtp.close()
             raise SessionError(

@@ -1,0 +1,211 @@
+"""A small authoritative DNS server on loopback, for tests (dnspython, UDP and TCP).
+
+It serves every zone file of a directory (`<origin>.zone`, e.g. `example.test.zone`), with
+whatever records they hold (A, AAAA, MX, TXT, CNAME, ...), and answers like an authoritative
+server: AA set, NXDOMAIN for a name that does not exist, NOERROR with the SOA for a name
+without records of the type asked (RFC 2308), REFUSED outside its zones. CNAMEs inside the
+served zones are followed. UDP answers too big for the client's buffer are truncated (TC), so
+resolvers retry over TCP.
+
+Tests can add zones (`add_zone`) and make names fail with SERVFAIL (`servfail`).
+
+    server = DnsServer(Path("tests/dns/zones")).start()
+    resolver.nameservers, resolver.port = [server.host], server.port
+    ...
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import socket
+import socketserver
+import struct
+import threading
+from pathlib import Path
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+import dns.zone
+
+MAX_CNAME_CHAIN = 8
+
+
+class DnsServer:
+    def __init__(self, zones_dir: Path | None = None, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self.port = 0
+        self.zones: dict[dns.name.Name, dns.zone.Zone] = {}
+        #: names answered with SERVFAIL, whatever the type (a broken authoritative server)
+        self.servfail: set[dns.name.Name] = set()
+        self.queries: list[tuple[str, str, str]] = []  # (name, type, transport)
+        self._lock = threading.Lock()
+        self._servers: list[socketserver.BaseServer] = []
+        if zones_dir is not None:
+            for path in sorted(zones_dir.glob("*.zone")):
+                self.add_zone(path.name.removesuffix(".zone"), path.read_text())
+
+    def add_zone(self, origin: str, text: str) -> None:
+        """Serve (or replace) a zone from zone-file text; names are relative to `origin`."""
+        zone = dns.zone.from_text(text, origin=origin, relativize=False, check_origin=False)
+        with self._lock:
+            self.zones[zone.origin] = zone  # type: ignore[index]
+
+    def fail(self, name: str) -> None:
+        self.servfail.add(dns.name.from_text(name))
+
+    # --- answering ------------------------------------------------------------------------
+
+    def answer(self, query: dns.message.Message) -> dns.message.Message:
+        response = dns.message.make_response(query)
+        if query.opcode() != dns.opcode.QUERY or len(query.question) != 1:
+            response.set_rcode(dns.rcode.NOTIMP)
+            return response
+        question = query.question[0]
+        qname, qtype = question.name, question.rdtype
+        with self._lock:
+            zone = self._zone_of(qname)
+            if qname in self.servfail:
+                response.set_rcode(dns.rcode.SERVFAIL)
+                return response
+            if zone is None or question.rdclass != dns.rdataclass.IN:
+                response.set_rcode(dns.rcode.REFUSED)
+                return response
+            response.flags |= dns.flags.AA
+            self._fill(response, zone, qname, qtype)
+        return response
+
+    def _zone_of(self, name: dns.name.Name) -> dns.zone.Zone | None:
+        best = None
+        for origin, zone in self.zones.items():
+            if name.is_subdomain(origin) and (best is None or len(origin) > len(best.origin)):
+                best = zone
+        return best
+
+    def _fill(
+        self,
+        response: dns.message.Message,
+        zone: dns.zone.Zone,
+        qname: dns.name.Name,
+        qtype: dns.rdatatype.RdataType,
+    ) -> None:
+        for _ in range(MAX_CNAME_CHAIN):
+            node = zone.get_node(qname)
+            if node is None:
+                exists = any(name.is_subdomain(qname) for name in zone.nodes)
+                if not exists and not response.answer:
+                    response.set_rcode(dns.rcode.NXDOMAIN)
+                self._soa(response, zone)
+                return
+            rdataset = node.get_rdataset(dns.rdataclass.IN, qtype)
+            if rdataset is not None:
+                response.answer.append(_rrset(qname, rdataset))
+                return
+            cname = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.CNAME)
+            if cname is None:
+                self._soa(response, zone)  # RFC 2308 §2.2: NODATA
+                return
+            response.answer.append(_rrset(qname, cname))
+            qname = cname[0].target  # type: ignore[attr-defined]
+            if not qname.is_subdomain(zone.origin):  # type: ignore[arg-type]
+                return
+
+    @staticmethod
+    def _soa(response: dns.message.Message, zone: dns.zone.Zone) -> None:
+        assert zone.origin is not None
+        soa = zone.get_rdataset(zone.origin, dns.rdatatype.SOA)
+        if soa is not None:
+            response.authority.append(_rrset(zone.origin, soa))
+
+    def _reply(self, wire: bytes, transport: str, max_size: int) -> bytes | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        if query.question:
+            q = query.question[0]
+            self.queries.append((q.name.to_text(), dns.rdatatype.to_text(q.rdtype), transport))
+        response = self.answer(query)
+        if transport == "udp":
+            max_size = max(512, query.payload if query.edns >= 0 else 512)
+        try:
+            return response.to_wire(max_size=max_size)
+        except dns.exception.TooBig:
+            truncated = dns.message.make_response(query)
+            truncated.flags |= dns.flags.TC | dns.flags.AA
+            return truncated.to_wire()
+
+    # --- serving ----------------------------------------------------------------------------
+
+    def start(self) -> DnsServer:
+        server = self
+
+        class Udp(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                data, sock = self.request
+                reply = server._reply(data, "udp", 512)
+                if reply is not None:
+                    sock.sendto(reply, self.client_address)
+
+        class Tcp(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                while header := self.rfile.read(2):
+                    if len(header) < 2:
+                        return
+                    (length,) = struct.unpack("!H", header)
+                    reply = server._reply(self.rfile.read(length), "tcp", 65535)
+                    if reply is None:
+                        return
+                    self.wfile.write(struct.pack("!H", len(reply)) + reply)
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+        class UdpServer(socketserver.ThreadingUDPServer):
+            address_family = family
+            daemon_threads = True
+
+        class TcpServer(socketserver.ThreadingTCPServer):
+            address_family = family
+            daemon_threads = True
+            allow_reuse_address = True
+
+        for _ in range(50):  # the UDP port's TCP twin may be taken: pick another pair
+            udp = UdpServer((self.host, 0), Udp)
+            port = udp.server_address[1]
+            try:
+                tcp = TcpServer((self.host, port), Tcp)
+            except OSError:
+                udp.server_close()
+                continue
+            self.port = port
+            self._servers = [udp, tcp]
+            break
+        else:
+            raise RuntimeError("no free UDP+TCP port pair for the DNS server")
+        for srv in self._servers:
+            threading.Thread(target=srv.serve_forever, name="dns-server", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        for srv in self._servers:
+            srv.shutdown()
+            srv.server_close()
+        self._servers = []
+
+    def __enter__(self) -> DnsServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _rrset(name: dns.name.Name, rdataset: dns.rdataset.Rdataset) -> dns.rrset.RRset:
+    rrset = dns.rrset.RRset(name, rdataset.rdclass, rdataset.rdtype)
+    rrset.update(rdataset)
+    return rrset
