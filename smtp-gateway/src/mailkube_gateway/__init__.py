@@ -1,4 +1,2 @@
-"""Mailkube the SMTP gateway (MX, submission, implicit TLS).
-
-Not built yet: see issue #3.
-"""
+"""Mailkube the SMTP gateway: MX (25), submission (587) and implicit TLS (465) on aiosmtpd,
+accepting a message only once it is durably queued in Redis."""

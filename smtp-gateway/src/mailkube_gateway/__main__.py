@@ -1,16 +1,13 @@
-"""Entry point of `mailkube-gateway`: the SMTP gateway (MX, submission, implicit TLS).
+"""Entry point of `mailkube-gateway` (and `python -m mailkube_gateway`): the SMTP gateway."""
 
-A placeholder until issue #3 builds it: it says what it will be and exits 0, which
-`mailkube dev` reads as "this component has nothing to run yet".
-"""
+from mailkube_core.service import run_service
+from mailkube_core.settings import GatewaySettings
 
-import sys
-
-WHAT = "the SMTP gateway (MX, submission, implicit TLS)"
+from .app import serve
 
 
 def main() -> None:
-    print(f"mailkube-gateway: {WHAT}; not built yet (issue #3)", file=sys.stderr)
+    run_service("gateway", GatewaySettings, serve)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,32 @@ class GatewaySettings(CommonSettings):
     """Messages per minute from one sender (authenticated user or client address)."""
     postmaster: str | None = None
     """Mailbox that receives mail for postmaster (RFC 5321 §4.5.1)."""
+    max_recipient_messages_per_minute: PositiveInt = 120
+    """Messages per minute to one recipient address, across all gateways; more get 450."""
+    max_connections: PositiveInt = 1000
+    """Concurrent SMTP connections per gateway process; more get 421 at connect."""
+    max_errors: PositiveInt = 10
+    """Error replies one session may get before the gateway says 421 and hangs up."""
+    max_header_size: Annotated[ByteSize, Field(gt=0)] = 262144
+    """Largest header section accepted, in bytes."""
+    max_received_headers: PositiveInt = 50
+    """More Received: headers than this means a mail loop (554 5.4.6)."""
+    auth_max_failures: PositiveInt = 5
+    """Failed AUTH attempts per client address, and per user, before a lockout (454 4.7.0)."""
+    auth_failure_window: Duration = timedelta(minutes=15)
+    """Failures count for this long, and a lockout lasts this long."""
+    enqueue_timeout: Duration = timedelta(seconds=10)
+    """Longest wait for Redis to queue a message; after it the client gets 451 4.3.0."""
+    tls_check_interval: Duration = timedelta(seconds=5)
+    """How often the certificate and key files are checked for changes."""
+    proxy_protocol_timeout: Duration = timedelta(seconds=5)
+    """Longest wait for a trusted proxy's PROXY protocol header."""
+    shutdown_grace: Duration = timedelta(seconds=25)
+    """On SIGTERM, how long messages being received may finish (keep it under the pod's
+    terminationGracePeriodSeconds); idle sessions get 421 at once."""
+    processes: PositiveInt = 1
+    """Gateway processes sharing the listeners with SO_REUSEPORT (one per core)."""
+
 
     @field_validator("proxy_protocol_listeners")
     @classmethod

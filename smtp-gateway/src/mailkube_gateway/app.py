@@ -1,0 +1,178 @@
+"""The gateway process: Redis, the routing table, the listeners, readiness and a graceful stop.
+
+    serve(settings, service)   what `run_service("gateway", GatewaySettings, serve)` runs
+
+Start: the routing table is loaded before any listener opens (an empty table would refuse all
+mail for our domains as relaying). Stop (SIGTERM): readiness fails, listeners close, idle
+sessions get 421 at once, sessions receiving a message finish it within `shutdown_grace`
+and then get 421; whatever is left after that is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from mailkube_core.queue import Queue
+from mailkube_core.redis_client import RedisClient, connect_redis
+from mailkube_core.routing import PasswordVerifier, RoutingReader, RoutingStore
+from mailkube_core.service import Service
+from mailkube_core.settings import GatewaySettings
+
+from .gateway import Gateway
+from .listeners import ListenerSpec, listener_specs, serve_listener
+from .ratelimit import Limits
+from .session import GatewaySMTP
+from .tls import CertificateStore
+
+log = logging.getLogger(__name__)
+#: set in the extra processes `processes` starts, which share the listeners of the first
+CHILD_ENV = "MAILKUBE_GATEWAY_CHILD"
+
+
+async def _load_routing(routing: RoutingReader, stopping: asyncio.Event) -> bool:
+    """Retry until the table loads (Redis may start after us); False if stopped first."""
+    delay = 0.1
+    while not stopping.is_set():
+        try:
+            await routing.start()
+            return True
+        except Exception as error:
+            log.warning("routing table not loaded yet; retrying", extra={"error": repr(error)})
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(delay):
+                await stopping.wait()
+        delay = min(delay * 2, 5.0)
+    return False
+
+
+def _redis_check(redis: RedisClient) -> Callable[[], Awaitable[bool]]:
+    async def ping() -> bool:
+        return bool(await redis.ping())
+
+    return ping
+
+
+def _start_children(settings: GatewaySettings) -> list[subprocess.Popen[bytes]]:
+    """processes > 1: more copies of this process on the same ports (SO_REUSEPORT); the
+    kernel spreads connections over them. They have no telemetry server of their own."""
+    if settings.processes <= 1 or os.environ.get(CHILD_ENV):
+        return []
+    env = {**os.environ, CHILD_ENV: "1", "MAILKUBE_TELEMETRY_LISTEN": ""}
+    return [
+        subprocess.Popen([sys.executable, "-m", "mailkube_gateway"], env=env)
+        for _ in range(settings.processes - 1)
+    ]
+
+
+def _stop_children(children: list[subprocess.Popen[bytes]], grace: float) -> None:
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace + 5
+    for child in children:
+        try:
+            child.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+
+
+class GatewayApp:
+    """The gateway's parts, started and stopped in order; `serve` runs one per process, tests
+    run one in their own event loop."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.specs = listener_specs(settings)
+        self.redis = connect_redis(settings)
+        store = RoutingStore(self.redis, settings.key_prefix)
+        self.routing = RoutingReader(store, settings.routing_check_interval)
+        self.certs: CertificateStore | None = None
+        if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+            self.certs = CertificateStore(settings.tls_cert_file, settings.tls_key_file)
+        self.verifier = PasswordVerifier()
+        self.gateway = Gateway(
+            settings=settings,
+            redis=self.redis,
+            routing=self.routing,
+            verifier=self.verifier,
+            queue=Queue.from_settings(settings, self.redis),
+            limits=Limits(self.redis, settings.key_prefix),
+            certs=self.certs,
+        )
+        self.servers: list[asyncio.Server] = []
+        self.bound: list[tuple[ListenerSpec, asyncio.Server]] = []
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def ready(self) -> bool:
+        return bool(self.servers) and not self.gateway.stopping
+
+    async def start(self, stopping: asyncio.Event | None = None) -> bool:
+        """Load the routing table (waiting for Redis), then open the listeners. False if
+        `stopping` was set first."""
+        if not await _load_routing(self.routing, stopping or asyncio.Event()):
+            return False
+        if self.certs is not None:
+            self.certs.start(self.settings.tls_check_interval)
+        reuse_port = self.settings.processes > 1 or bool(os.environ.get(CHILD_ENV))
+
+        def factory(spec: ListenerSpec) -> GatewaySMTP:
+            return GatewaySMTP(self.gateway, spec)
+
+        for spec in self.specs:
+            for server in await serve_listener(spec, factory, reuse_port=reuse_port):
+                self.servers.append(server)
+                self.bound.append((spec, server))
+            log.info("listening", extra={"listener": spec.name, "address": spec.address})
+        self.children = _start_children(self.settings)
+        return True
+
+    def ports(self, name: str) -> list[int]:
+        """Bound ports of a listener kind (the real ones when configured with port 0)."""
+        return [
+            int(sock.getsockname()[1])
+            for spec, server in self.bound
+            if spec.name == name
+            for sock in server.sockets
+        ]
+
+    async def stop(self) -> None:
+        gateway = self.gateway
+        gateway.stopping = True
+        for server in self.servers:
+            server.close()
+        gateway.stop_sessions()
+        grace = self.settings.shutdown_grace.total_seconds()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await gateway.all_sessions_closed()
+        gateway.abort_sessions()
+        if self.children:
+            await asyncio.to_thread(_stop_children, self.children, grace)
+        for server in self.servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
+        await asyncio.gather(*gateway.background, return_exceptions=True)
+        if self.certs is not None:
+            await self.certs.stop()
+        await self.routing.stop()
+        self.verifier.close()
+        await self.redis.aclose()
+
+
+async def serve(settings: GatewaySettings, service: Service) -> None:
+    # aiosmtpd logs every command at INFO: far too much for production, and slow
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    app = GatewayApp(settings)
+    service.health.add_readiness_check("redis", _redis_check(app.redis))
+    service.health.add_readiness_check("listeners", app.ready)
+    try:
+        if await app.start(service.stopping):
+            await service.stopping.wait()
+    finally:
+        await app.stop()
