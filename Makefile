@@ -68,3 +68,7 @@ bench: setup
 
 clean:
 	rm -rf .run
+
+.PHONY: crds
+crds: setup
+	uv run python -m mailkube_operator.crdgen

@@ -320,6 +320,41 @@ class OperatorSettings(CommonSettings):
     """Serve every namespace instead."""
     telemetry_listen: HostPort | Literal[""] = ":9102"
     """Address of the /metrics, /healthz and /readyz HTTP server; empty turns it off."""
+    public_hostname: str | None = None
+    """Public name of the gateway's address: the MX target in the DNS records each MailDomain's
+    status lists. Default: hostname."""
+    kube_api_server: str | None = None
+    """URL of the Kubernetes API. Default: the in-cluster service account, else kubeconfig."""
+    watch_timeout: Duration = timedelta(minutes=5)
+    """Server-side timeout of each Kubernetes watch request; the watch then reconnects."""
+    retry_delay: Annotated[Duration, Field(gt=timedelta(0))] = timedelta(seconds=30)
+    """Wait before retrying a step that failed for a reason outside the operator (API errors,
+    Redis down): no hot retry loops."""
+    initial_publish_delay: Duration = timedelta(seconds=5)
+    """At start, how long to wait for the first MailDomain or MailUser before publishing the
+    routing table anyway (after checking that there are none)."""
+    dns_check_interval: Duration = timedelta(0)
+    """How often each MailDomain's DNS records are resolved and compared (DNSVerified);
+    0 turns the DNS check off."""
+    dns_nameservers: StrList = []
+    """Resolvers for the DNS check (IP addresses); empty: those of /etc/resolv.conf."""
+    dns_port: Annotated[int, Field(gt=0, lt=65536)] = 53
+    """Port of dns_nameservers."""
+    dns_timeout: Duration = timedelta(seconds=5)
+    """Longest wait for one DNS lookup of the DNS check."""
+
+    @field_validator("public_hostname")
+    @classmethod
+    def _public_hostname(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not _HOSTNAME.fullmatch(value):
+            raise ValueError(f"not a hostname: {value!r}")
+        return value.rstrip(".").lower()
+
+    def mx_hostname(self) -> str:
+        """The name MX records point at: public_hostname, else hostname."""
+        return self.public_hostname or self.hostname
 
 
 ALL_SETTINGS: tuple[type[CommonSettings], ...] = (GatewaySettings, WorkerSettings, OperatorSettings)
