@@ -212,7 +212,6 @@ class GatewaySettings(CommonSettings):
     processes: PositiveInt = 1
     """Gateway processes sharing the listeners with SO_REUSEPORT (one per core)."""
 
-
     @field_validator("proxy_protocol_listeners")
     @classmethod
     def _listener_names(cls, value: list[str]) -> list[str]:
