@@ -5,6 +5,7 @@ optional STARTTLS / implicit TLS / AUTH. Plus a server that refuses at the greet
 
 from __future__ import annotations
 
+import asyncio
 import random
 import socket
 import socketserver
@@ -41,6 +42,10 @@ class Script:
     #: reply to EHLO instead of the extensions
     ehlo: str | None = None
     mail: str | None = None
+    #: the first DATA waits for this event (then answers 451, storing nothing), so a test can
+    #: act while a delivery is in flight; `held` is set once it waits
+    hold: threading.Event | None = None
+    held: threading.Event = field(default_factory=threading.Event)
 
 
 class Handler:
@@ -83,6 +88,11 @@ class Handler:
         return reply or "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        hold = self.script.hold
+        if hold is not None and not self.script.held.is_set():
+            self.script.held.set()
+            await asyncio.to_thread(hold.wait, 60)
+            return "451 4.3.0 the client went away"
         with self.lock:
             self.transactions += 1
             reply = self.script.data.pop(0) if self.script.data else "250 2.0.0 queued"

@@ -9,10 +9,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dns_server import DnsServer
+from fake_mx import MxFarm, Script
 from worker_harness import (
     apply_routing,
     enqueue,
@@ -131,3 +134,39 @@ async def test_two_worker_processes_share_the_queue(
     for worker in workers:
         assert worker.stop() == 0
     assert all(log.count('"msg": "delivery attempt"') > 0 for log in logs), "one worker idle"
+
+
+async def test_sigkill_in_the_middle_of_a_delivery_loses_nothing(
+    redis_url: str, tmp_path: Path, workers: list[WorkerProcess], dns_server: DnsServer,
+    mx_farm: MxFarm,
+) -> None:  # fmt: skip
+    """pod-a dies (SIGKILL) while the remote host is receiving the message; pod-b takes the
+    entry over after the visibility timeout and delivers it, once."""
+    settings = worker_settings(redis_url, tmp_path / "mail")
+    release = threading.Event()
+    script = Script(hold=release)
+    mx = mx_farm.start("127.0.0.26", script)
+    remote = {
+        "MAILKUBE_DNS_NAMESERVERS": dns_server.host, "MAILKUBE_DNS_PORT": str(dns_server.port),
+        "MAILKUBE_SMTP_PORT": str(mx_farm.port), "MAILKUBE_VISIBILITY_TIMEOUT": "1s",
+    }  # fmt: skip
+    routing = await apply_routing(settings, table(ALICE))
+    first = WorkerProcess(settings, "pod-a", "--role", "remote", **remote)
+    workers.append(first)
+    await first.ready()
+    await enqueue(settings, ["hank@retry.test"], mail_from="alice@example.test", routing=routing)
+    await eventually(lambda: _is_set(script.held))
+    first.kill()
+    release.set()
+    second = WorkerProcess(settings, "pod-b", "--role", "remote", **remote)
+    workers.append(second)
+    await second.ready()
+    await eventually(lambda: queue_empty(settings), timeout=30)
+    assert second.stop() == 0
+    assert [r.rcpt_tos for r in mx.received] == [["hank@retry.test"]]
+    assert "reclaimed a message from a dead consumer" in second.log.read_text()
+    assert maildir_files(tmp_path / "mail", "alice@example.test") == []  # no bounce
+
+
+async def _is_set(event: threading.Event) -> bool:
+    return event.is_set()
