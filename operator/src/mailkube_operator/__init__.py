@@ -1,4 +1,2 @@
-"""Mailkube the Kubernetes operator (custom resources to routing).
-
-Not built yet: see issue #6.
-"""
+"""Mailkube the Kubernetes operator: MailDomain and MailUser resources into the routing table,
+DKIM keys, status with the DNS records to publish (docs/operator.md)."""

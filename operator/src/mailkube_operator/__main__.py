@@ -1,16 +1,16 @@
-"""Entry point of `mailkube-operator`: the Kubernetes operator (custom resources to routing).
+"""Entry point of `mailkube-operator`: MailDomain and MailUser resources into the routing
+table (see docs/operator.md)."""
 
-A placeholder until issue #6 builds it: it says what it will be and exits 0, which
-`mailkube dev` reads as "this component has nothing to run yet".
-"""
+from __future__ import annotations
 
-import sys
+from mailkube_core.service import run_service
+from mailkube_core.settings import OperatorSettings
 
-WHAT = "the Kubernetes operator (custom resources to routing)"
+from .app import serve
 
 
 def main() -> None:
-    print(f"mailkube-operator: {WHAT}; not built yet (issue #6)", file=sys.stderr)
+    run_service("operator", OperatorSettings, serve)
 
 
 if __name__ == "__main__":

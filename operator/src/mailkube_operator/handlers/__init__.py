@@ -1,0 +1,1 @@
+"""kopf handlers, one concern per module; `register` puts them in a registry."""
