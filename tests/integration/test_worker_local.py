@@ -6,6 +6,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from worker_harness import (
     apply_routing,
     enqueue,
@@ -19,10 +22,13 @@ from worker_harness import (
     worker_settings,
 )
 
+from mailkube_core.cli import queue_cmd
 from mailkube_core.queue import Queue
+from mailkube_core.queue.envelope import utcnow
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import User
 from mailkube_core.telemetry import Telemetry
+from mailkube_worker.app import consumer_name
 from mailkube_worker.counters import Counters
 from mailkube_worker.local import LocalDelivery
 
@@ -93,7 +99,7 @@ async def test_user_and_its_alias_in_one_message_get_one_copy(
 
 
 async def test_unknown_mailbox_bounces_to_a_local_sender_into_her_maildir(
-    redis_url: str, tmp_path: Path, telemetry: Telemetry
+    redis_url: str, tmp_path: Path, telemetry: Telemetry, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = worker_settings(redis_url, tmp_path / "mail", role="local")
     routing = await apply_routing(settings, table(ALICE, CAROL))
@@ -121,6 +127,19 @@ async def test_unknown_mailbox_bounces_to_a_local_sender_into_her_maildir(
     assert per_recipient[0]["Status"] == "5.1.1"
     assert original.get_content_type() == "text/rfc822-headers"
     assert "Subject: to nobody" in original.get_content()
+    # the bounce rate of example.test: 1 delivered, 1 bounced; the DSN itself counts for <>
+    redis = connect_redis(settings)
+    try:
+        stats = await Counters(redis, settings.key_prefix).outcome_stats(utcnow().date())
+        await queue_cmd.stats(Queue.from_settings(settings, redis))
+    finally:
+        await redis.aclose()
+    assert stats["example.test"] == {"delivered": 1, "deferred": 0, "bounced": 1}
+    assert stats["<>"] == {"delivered": 1, "deferred": 0, "bounced": 0}
+    out = capsys.readouterr().out
+    assert "SENDER DOMAIN" in out
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("example.test")]
+    assert row == ["example.test", "1", "0", "1", "50.0%"]
 
 
 async def test_over_quota_defers_then_bounces_when_retries_run_out(
@@ -216,6 +235,14 @@ async def test_retry_after_a_crash_between_write_and_record_writes_no_second_cop
     try:
         async with running_worker(settings, telemetry):
             await eventually(lambda: queue_empty(settings))
+            # the dead pod's consumer leaves the group once its entry was taken over
+            stream = queue.keys(0).stream("local")
+
+            async def only_live_consumers() -> bool:
+                consumers = await redis.xinfo_consumers(stream, "workers")
+                return [c["name"] for c in consumers] == [consumer_name(settings).encode()]
+
+            await eventually(only_live_consumers)
         usage = await counters.usage("alice@example.test")
     finally:
         await redis.aclose()
@@ -226,3 +253,25 @@ async def test_retry_after_a_crash_between_write_and_record_writes_no_second_cop
 
 async def _files(tmp_path: Path, address: str) -> list[Path]:
     return maildir_files(tmp_path / "mail", address)
+
+
+async def test_delivery_continues_the_smtp_sessions_trace(
+    redis_url: str, tmp_path: Path, telemetry: Telemetry
+) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry.tracer_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace_id, parent = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    settings = worker_settings(redis_url, tmp_path / "mail", role="local")
+    routing = await apply_routing(settings, table(ALICE))
+    async with running_worker(settings, telemetry):
+        await enqueue(settings, ["alice@example.test"], routing=routing,
+                      trace_context={"traceparent": f"00-{trace_id}-{parent}-01"})  # fmt: skip
+        await eventually(lambda: queue_empty(settings))
+    exporter.shutdown()
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "deliver local"]
+    assert span.context is not None
+    assert span.parent is not None
+    assert f"{span.context.trace_id:032x}" == trace_id
+    assert f"{span.parent.span_id:016x}" == parent
+    assert span.attributes is not None
+    assert span.attributes["mailkube.outcome"] == "done"

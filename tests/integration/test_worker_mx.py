@@ -39,6 +39,7 @@ async def test_implicit_mx(dns_server: DnsServer) -> None:
     [
         ("nullmx.test", "5.1.10", True),  # RFC 7505, even though the domain has an A record
         ("nope.mx-pref.test", "5.1.2", True),
+        ("nowhere.invalid", "5.1.2", True),  # RFC 6761 §6.4, asks no server
         ("nxmx.test", "5.4.4", True),
         ("outside-every-zone.example", "4.4.3", False),  # REFUSED by every server
     ],

@@ -4,6 +4,7 @@ stays in the queue for the other workers)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from .bounces import Bouncer
 from .connections import ConnectionPool
 from .counters import Counters
 from .handler import DeliveryHandler
+from .janitor import Janitor
 from .local import LocalDelivery
 from .mx import MxResolver
 from .remote import RemoteDelivery
@@ -79,12 +81,15 @@ async def serve(settings: WorkerSettings, service: Service) -> None:
             visibility_timeout=settings.visibility_timeout,
             poll=settings.queue_poll_interval,
         )
+        janitor = Janitor(queue, lanes, consumer.consumer, settings.visibility_timeout * 2)
+        sweeping = asyncio.create_task(janitor.run(service.stopping, settings.visibility_timeout))
         service.health.add_readiness_check("queue", lambda: consumer.ready)
         log.info(
             "worker started",
             extra={"role": settings.role, "consumer": consumer.consumer, "lanes": list(lanes)},
         )
         await consumer.run(service.stopping, drain=settings.shutdown_grace)
+        await sweeping
     finally:
         if remote is not None:
             await remote.close()

@@ -5,24 +5,22 @@ Keys (each its own single-key operation, so any layout works on Redis Cluster):
                                       gateway's quota check reads `bytes`)
   <prefix>:events:message.received    stream  mailbox, message_id, size, folder, time (ms),
                                       for IMAP indexers and notifications; capped (MAXLEN ~)
-  <prefix>:outcomes:<YYYY-MM-DD>      hash  "<sender domain>:<delivered|deferred|bounced>"
-                                      -> recipients that day (UTC), kept 40 days
+  <prefix>:outcomes:<YYYY-MM-DD>      hash  recipients by sender domain and outcome that day
+                                      (mailkube_core.queue.outcomes; `mailkube queue stats`)
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from typing import Any
 
 from opentelemetry import metrics
 
 from mailkube_core.queue.envelope import utcnow
+from mailkube_core.queue.outcomes import add_outcomes, read_outcomes
 from mailkube_core.redis_client import RedisClient
-
-OUTCOMES = ("delivered", "deferred", "bounced")
-_KEEP_OUTCOMES = timedelta(days=40)
 
 _meter = metrics.get_meter("mailkube.worker")
 _recipients = _meter.create_counter(
@@ -78,18 +76,8 @@ class Counters:
             return
         for outcome, n in counts.items():
             _recipients.add(n, {"lane": lane, "outcome": outcome})
-        key = self.outcomes_key(utcnow().date())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for outcome, n in counts.items():
-                pipe.hincrby(key, f"{sender_domain or '<>'}:{outcome}", n)
-            pipe.expire(key, _KEEP_OUTCOMES)
-            await pipe.execute()
+        await add_outcomes(self.redis, self.prefix, utcnow().date(), sender_domain, counts)
 
     async def outcome_stats(self, day: date) -> dict[str, dict[str, int]]:
         """{sender domain: {delivered, deferred, bounced}} for one day."""
-        raw: Any = await self.redis.hgetall(self.outcomes_key(day))
-        stats: dict[str, dict[str, int]] = {}
-        for field, value in raw.items():
-            domain, _, outcome = field.decode().rpartition(":")
-            stats.setdefault(domain, dict.fromkeys(OUTCOMES, 0))[outcome] = int(value)
-        return stats
+        return await read_outcomes(self.redis, self.prefix, day)

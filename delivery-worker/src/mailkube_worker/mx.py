@@ -3,7 +3,8 @@
 - MX hosts in preference order, shuffled among equal preferences (§5.1: "randomize").
 - No MX records: the domain itself is the implicit MX (its A/AAAA records).
 - A null MX (RFC 7505: a single `MX 0 .`): the domain accepts no mail, 5.1.10.
-- A name that does not exist: 5.1.2 (RFC 3463 bad destination system address).
+- A name that does not exist: 5.1.2 (RFC 3463 bad destination system address); names under
+  `.invalid` without asking (RFC 6761 §6.4).
 - Any DNS trouble (SERVFAIL, timeout): temporary, 4.4.3, retried later.
 - At most `address_limit` addresses (IPv6 and IPv4) are returned, like Postfix's
   smtp_mx_address_limit, so a domain with many MX hosts cannot hold a worker for long.
@@ -62,6 +63,9 @@ class MxResolver:
 
     async def hosts(self, domain: str) -> list[Host]:
         """The addresses to try, in order; raises MxLookupError."""
+        if domain.rstrip(".").lower().endswith(".invalid"):
+            # RFC 6761 §6.4: resolvers should answer names under .invalid negatively at once
+            raise MxLookupError("5.1.2", f"domain {domain} does not exist", permanent=True)
         try:
             answer = await self.resolver.resolve(domain, "MX", search=False)
         except dns.resolver.NXDOMAIN:

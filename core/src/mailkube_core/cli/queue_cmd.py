@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from ..queue import MessageInfo, Queue, RecipientStatus
+from ..queue.envelope import utcnow
+from ..queue.outcomes import bounce_rate, read_outcomes
 from .tables import age, clip, size, table
 
 
@@ -110,6 +112,17 @@ async def stats(queue: Queue) -> None:
         ["PARTITION", "LANE", "READY", "ACTIVE", "DEFERRED"],
         [[s.partition, s.lane, s.ready, s.active, s.deferred] for s in result.lanes],
     ))  # fmt: skip
+    today = utcnow().date()
+    outcomes = await read_outcomes(queue.redis, queue.prefix, today)
+    if outcomes:
+        print()
+        print(f"Recipients by sender domain, {today.isoformat()} (UTC):")
+        rows = []
+        for domain, counts in sorted(outcomes.items()):
+            rate = bounce_rate(counts)
+            rows.append([domain, counts["delivered"], counts["deferred"], counts["bounced"],
+                         "-" if rate is None else f"{rate:.1%}"])  # fmt: skip
+        print(table(["SENDER DOMAIN", "DELIVERED", "DEFERRED", "BOUNCED", "BOUNCE RATE"], rows))
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -123,4 +136,4 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     retry_p.add_argument("ids", nargs="+", metavar="ID")
     delete_p = sub.add_parser("delete", help="remove messages without delivering or bouncing")
     delete_p.add_argument("ids", nargs="+", metavar="ID")
-    sub.add_parser("stats", help="counts per partition and lane")
+    sub.add_parser("stats", help="counts per partition and lane; today's bounce rates")

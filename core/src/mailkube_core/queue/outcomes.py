@@ -1,0 +1,51 @@
+"""Delivery outcomes per sender domain and day: the bounce rate an operator watches to catch a
+compromised account or a bad list before the big receivers do.
+
+Workers add to `<prefix>:outcomes:<YYYY-MM-DD>` (UTC), a hash of
+"<sender domain>:<delivered|deferred|bounced>" -> recipients, kept 40 days; `mailkube queue
+stats` reads it. One key per day, single-key commands only, so it works on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import date, timedelta
+from typing import Any
+
+from ..redis_client import RedisClient
+
+OUTCOMES = ("delivered", "deferred", "bounced")
+KEEP = timedelta(days=40)
+
+
+def outcomes_key(prefix: str, day: date) -> str:
+    return f"{prefix}:outcomes:{day.isoformat()}"
+
+
+async def add_outcomes(
+    redis: RedisClient, prefix: str, day: date, sender_domain: str, counts: Mapping[str, int]
+) -> None:
+    key = outcomes_key(prefix, day)
+    async with redis.pipeline(transaction=False) as pipe:
+        for outcome, n in counts.items():
+            if n:
+                pipe.hincrby(key, f"{sender_domain or '<>'}:{outcome}", n)
+        pipe.expire(key, KEEP)
+        await pipe.execute()
+
+
+async def read_outcomes(redis: RedisClient, prefix: str, day: date) -> dict[str, dict[str, int]]:
+    """{sender domain: {delivered, deferred, bounced}} for one day."""
+    raw: Any = await redis.hgetall(outcomes_key(prefix, day))
+    stats: dict[str, dict[str, int]] = {}
+    for field, value in raw.items():
+        domain, _, outcome = field.decode().rpartition(":")
+        if outcome in OUTCOMES:
+            stats.setdefault(domain, dict.fromkeys(OUTCOMES, 0))[outcome] = int(value)
+    return stats
+
+
+def bounce_rate(counts: Mapping[str, int]) -> float | None:
+    """Bounced / (delivered + bounced); None before anything was final."""
+    final = counts.get("delivered", 0) + counts.get("bounced", 0)
+    return counts.get("bounced", 0) / final if final else None
