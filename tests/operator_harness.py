@@ -104,11 +104,11 @@ class Api:
     def close(self) -> None:
         self._client.close()
 
-    async def apply(self, plural: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    async def apply(self, plural: str, name: str, spec: dict[str, Any]) -> None:
         body = {"apiVersion": f"{GROUP}/{VERSION}",
                 "kind": "MailDomain" if plural == "maildomains" else "MailUser",
                 "metadata": {"name": name, "namespace": NS}, "spec": spec}  # fmt: skip
-        return await asyncio.to_thread(  # type: ignore[no-any-return]
+        await asyncio.to_thread(
             self.custom.create_namespaced_custom_object, GROUP, VERSION, NS, plural, body
         )
 
