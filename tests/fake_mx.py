@@ -196,9 +196,10 @@ class MxFarm:
         users: dict[str, str] | None = None,
         size_limit: int | None = 33554432,
         port: int | None = None,
+        smtputf8: bool = True,
     ) -> FakeMx:
         handler = Handler(script or Script())
-        kwargs: dict[str, Any] = {"data_size_limit": size_limit, "enable_SMTPUTF8": True}
+        kwargs: dict[str, Any] = {"data_size_limit": size_limit, "enable_SMTPUTF8": smtputf8}
         if tls is not None:
             kwargs["tls_context"] = tls
         if users is not None:

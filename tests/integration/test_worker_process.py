@@ -103,7 +103,10 @@ async def test_worker_process_delivers_and_stops_cleanly_on_sigterm(
     assert "'role': 'local'" in log or '"role": "local"' in log
     assert '"consumer": "pod-a"' in log
     assert log.rstrip().endswith('"msg": "stopped"}') or '"msg": "stopped"' in log
-    assert "mailkube_worker_recipients" in metrics
+    (line,) = [x for x in metrics.splitlines() if x.startswith("mailkube_worker_recipients_total{")]
+    assert 'lane="local"' in line
+    assert 'outcome="delivered"' in line
+    assert line.endswith(" 1.0")
 
 
 async def _delivered(tmp_path: Path, count: int) -> bool:

@@ -311,3 +311,14 @@ async def test_smart_host_refusing_the_login_defers(
     assert info.results[0].status == "deferred"
     assert info.results[0].enhanced_code.startswith("4.")
     assert "AUTH: 535" in info.results[0].diagnostic
+
+
+async def test_smtputf8_message_to_a_host_without_it_bounces_5_6_7(
+    settings: WorkerSettings, telemetry: Telemetry, mx_farm: MxFarm
+) -> None:
+    mx = mx_farm.start("127.0.0.27", smtputf8=False)
+    await send(settings, telemetry, ["jürgen@big.test"], smtputf8=True)
+    assert mx.handler.transactions == 0
+    ((_, (block,)),) = bounces(settings)
+    assert block["Status"] == "5.6.7"
+    assert block["Final-Recipient"] == "utf-8;j\\x{FC}rgen@big.test"

@@ -163,6 +163,11 @@ class RemoteDelivery:
             text = f"message of {len(claimed.body)} bytes exceeds {session.remote_mta}'s " \
                    f"limit of {limit} bytes"  # fmt: skip
             return {i: failed("5.3.4", text, remote_mta=session.remote_mta) for i, _ in recipients}
+        if claimed.envelope.smtputf8 and not session.smtp.supports_extension("smtputf8"):
+            # RFC 6531 §3.4: an SMTPUTF8 message is not downgraded; it bounces with 5.6.7
+            self.pool.give(destination.pool_key, session)
+            text = f"{session.remote_mta} does not support SMTPUTF8"
+            return {i: failed("5.6.7", text, remote_mta=session.remote_mta) for i, _ in recipients}
         results = await session.send(claimed.envelope, recipients, claimed.body)
         self.pool.give(destination.pool_key, session)
         return results
