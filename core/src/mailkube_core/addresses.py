@@ -3,6 +3,7 @@ routing-table keys and lookups, so `Alice@EXAMPLE.test.` and `alice@example.test
 
 from __future__ import annotations
 
+import functools
 import re
 
 import idna
@@ -10,9 +11,11 @@ import idna
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
+@functools.lru_cache(maxsize=4096)
 def normalize_domain(domain: str) -> str:
     """Lower-case A-label form (IDNA, RFC 5890), without a trailing dot. ValueError if it is
-    not a valid domain name."""
+    not a valid domain name. Cached: IDNA processing costs ~0.1 ms, and the same few domains
+    come up for every message."""
     name = domain.strip().rstrip(".")
     try:
         # UTS #46 mapping (case folding, full-width dots) then IDNA2008, non-transitional:

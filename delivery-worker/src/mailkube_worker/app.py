@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from mailkube_core.queue import Lane, Queue, QueueConsumer
 from mailkube_core.redis_client import connect_redis
@@ -44,6 +45,8 @@ async def serve(settings: WorkerSettings, service: Service) -> None:
                             settings.routing_check_interval)  # fmt: skip
     lanes = LANES_OF_ROLE[settings.role]
     remote: RemoteDelivery | None = None
+    # maildir writes and fsyncs block: one thread per delivery that may be in flight
+    executor = ThreadPoolExecutor(settings.queue_workers, thread_name_prefix="maildir")
     try:
         await routing.start()
 
@@ -58,7 +61,7 @@ async def serve(settings: WorkerSettings, service: Service) -> None:
         if "local" in lanes:
             settings.mail_root.mkdir(parents=True, exist_ok=True)
             local = LocalDelivery(settings.mail_root, settings.hostname, snapshot, counters,
-                                  queue)  # fmt: skip
+                                  queue, executor)  # fmt: skip
         if "remote" in lanes:
             resolver = MxResolver(
                 settings.dns_nameservers,
@@ -83,15 +86,17 @@ async def serve(settings: WorkerSettings, service: Service) -> None:
         )
         janitor = Janitor(queue, lanes, consumer.consumer, settings.visibility_timeout * 2)
         sweeping = asyncio.create_task(janitor.run(service.stopping, settings.visibility_timeout))
+        counting = asyncio.create_task(counters.run(service.stopping))
         service.health.add_readiness_check("queue", lambda: consumer.ready)
         log.info(
             "worker started",
             extra={"role": settings.role, "consumer": consumer.consumer, "lanes": list(lanes)},
         )
         await consumer.run(service.stopping, drain=settings.shutdown_grace)
-        await sweeping
+        await asyncio.gather(sweeping, counting)
     finally:
         if remote is not None:
             await remote.close()
         await routing.stop()
         await redis.aclose()
+        executor.shutdown(wait=False)

@@ -87,12 +87,7 @@ class DeliveryHandler:
                 except Exception:
                     log.exception("delay DSN failed", extra={"message_id": claimed.id})
             span.set_attribute("mailkube.outcome", settlement.outcome)
-            try:
-                await self.counters.outcomes(
-                    claimed.lane, sender_domain(envelope.mail_from), outcomes
-                )
-            except Exception:
-                log.warning("outcome counters failed", exc_info=True)
+            self.counters.outcomes(claimed.lane, sender_domain(envelope.mail_from), outcomes)
             log.info(
                 "delivery attempt",
                 extra={"message_id": claimed.id, "lane": claimed.lane,

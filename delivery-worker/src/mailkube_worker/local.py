@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from email.parser import BytesHeaderParser
+from functools import partial
 from pathlib import Path
 
 from mailkube_core.queue import Claimed, Envelope, Queue, RecipientResult
@@ -81,8 +83,11 @@ class LocalDelivery:
         routing: Callable[[], RoutingSnapshot],
         counters: Counters,
         queue: Queue,
+        executor: Executor | None = None,
     ) -> None:
         self.root = maildir_root
+        #: threads for the blocking writes and fsyncs (None: asyncio's default pool)
+        self.executor = executor
         self.hostname = hostname
         self.routing = routing
         self.counters = counters
@@ -135,14 +140,13 @@ class LocalDelivery:
         # only a message handled before can already be there: skip the scan otherwise
         handled_before = claimed.deliveries > 1 or claimed.attempts > 0
         try:
-            stored = await asyncio.to_thread(
-                maildir.store, box, name, content, check_existing=handled_before
-            )
+            store = partial(maildir.store, box, name, content, check_existing=handled_before)
+            stored = await asyncio.get_running_loop().run_in_executor(self.executor, store)
         except OSError as exc:
             log.error("maildir write failed", extra={"mailbox": user.address, "error": str(exc)})
             return deferred("4.3.0", f"{user.address}: mailbox unavailable ({exc.strerror})")
         if not stored.duplicate:
-            await self.counters.received(
+            self.counters.received(
                 user.address, claimed.id, stored.size, folder, envelope.received_at
             )
         return None

@@ -59,6 +59,8 @@ class MxResolver:
         else:
             self.resolver = dns.asyncresolver.Resolver()
         self.resolver.lifetime = timeout.total_seconds()
+        # answers are kept for their TTL: a burst to one domain asks the DNS once
+        self.resolver.cache = dns.resolver.LRUCache()
         self.address_limit = address_limit
 
     async def hosts(self, domain: str) -> list[Host]:

@@ -76,19 +76,27 @@ class QueueConsumer:
     async def _claim_loop(self, stop: asyncio.Event, lane: Lane, partition: int) -> None:
         while not stop.is_set():
             await self._slots.acquire()
+            # then every other slot free right now: one XREADGROUP (and one load script)
+            # claims a batch instead of one entry per round trip, and never more than this
+            # process can start at once, so idle consumers elsewhere still get their share
+            slots = 1
+            while not self._slots.locked():
+                await self._slots.acquire()
+                slots += 1
             try:
                 batch = await self.queue.claim(
-                    self.consumer, lane, partition, count=1, block=self.poll
+                    self.consumer, lane, partition, count=slots, block=self.poll
                 )
             except Exception:
-                self._slots.release()
+                for _ in range(slots):
+                    self._slots.release()
                 log.exception("claim failed", extra={"lane": lane, "partition": partition})
                 await _wait(stop, self.poll)
                 continue
-            if not batch:
+            for _ in range(slots - len(batch)):
                 self._slots.release()
-                continue
-            self._start(batch[0])
+            for claimed in batch:
+                self._start(claimed)
 
     def _start(self, claimed: Claimed) -> None:
         """Run the handler for a claim that already holds a slot."""

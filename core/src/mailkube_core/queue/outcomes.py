@@ -22,18 +22,6 @@ def outcomes_key(prefix: str, day: date) -> str:
     return f"{prefix}:outcomes:{day.isoformat()}"
 
 
-async def add_outcomes(
-    redis: RedisClient, prefix: str, day: date, sender_domain: str, counts: Mapping[str, int]
-) -> None:
-    key = outcomes_key(prefix, day)
-    async with redis.pipeline(transaction=False) as pipe:
-        for outcome, n in counts.items():
-            if n:
-                pipe.hincrby(key, f"{sender_domain or '<>'}:{outcome}", n)
-        pipe.expire(key, KEEP)
-        await pipe.execute()
-
-
 async def read_outcomes(redis: RedisClient, prefix: str, day: date) -> dict[str, dict[str, int]]:
     """{sender domain: {delivered, deferred, bounced}} for one day."""
     raw: Any = await redis.hgetall(outcomes_key(prefix, day))
