@@ -11,7 +11,9 @@ own work:
 
 `run_service` loads the settings (a bad value: one line per field on stderr, exit status 2),
 sets up JSON logs, OpenTelemetry and the /metrics, /healthz, /readyz server, and turns SIGTERM
-and SIGINT into `service.stopping`. A second signal while stopping exits at once.
+and SIGINT into `service.stopping`. A second signal while stopping exits at once. A
+SettingsError that `main` raises while starting (a certificate that cannot be read, a listener
+that needs TLS) ends the process the same way as a bad setting: one line, exit status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from .settings import CommonSettings, load_settings_or_exit, split_host_port
+from .settings import CommonSettings, SettingsError, load_settings_or_exit, split_host_port
 from .telemetry import HealthServer, Telemetry, setup_logging, setup_telemetry
 
 S = TypeVar("S", bound=CommonSettings)
@@ -42,12 +44,17 @@ class Service:
 def run_service(
     name: str, settings_model: type[S], main: Callable[[S, Service], Awaitable[None]]
 ) -> None:
-    settings = load_settings_or_exit(settings_model, f"mailkube-{name}")
+    prog = f"mailkube-{name}"
+    settings = load_settings_or_exit(settings_model, prog)
     setup_logging(name, settings.log_level, settings.log_format)
     try:
         asyncio.run(_run(name, settings, main))
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         sys.exit(130)
+    except SettingsError as exc:  # found while starting (e.g. an unreadable certificate)
+        for line in str(exc).splitlines():
+            print(f"{prog}: {line}", file=sys.stderr)
+        sys.exit(2)
 
 
 async def _run(name: str, settings: S, main: Callable[[S, Service], Awaitable[None]]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from mailkube_core.settings import GatewaySettings, split_host_port
+from mailkube_core.settings import GatewaySettings, SettingsError, split_host_port
 
 ListenerName = Literal["mx", "submission", "submissions"]
 
@@ -46,7 +46,9 @@ class ListenerSpec:
 def listener_specs(settings: GatewaySettings) -> list[ListenerSpec]:
     have_tls = settings.tls_cert_file is not None
     if not have_tls and settings.submissions_listen:
-        raise ValueError("submissions_listen needs tls_cert_file and tls_key_file")
+        raise SettingsError(
+            "invalid setting submissions_listen: implicit TLS needs tls_cert_file and tls_key_file"
+        )
     proxied = set(settings.proxy_protocol_listeners)
     specs = []
     for address in settings.mx_listen:

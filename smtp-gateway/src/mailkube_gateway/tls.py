@@ -16,6 +16,8 @@ import ssl
 from datetime import timedelta
 from pathlib import Path
 
+from mailkube_core.settings import SettingsError
+
 log = logging.getLogger(__name__)
 
 # Mozilla "intermediate" for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults, all AEAD).
@@ -57,8 +59,13 @@ class CertificateStore:
         self.cert_file = cert_file
         self.key_file = key_file
         self.context = server_context()
-        self._stamp = _stamp(cert_file, key_file)
-        self.context.load_cert_chain(cert_file, key_file)
+        try:
+            self._stamp = _stamp(cert_file, key_file)
+            self.context.load_cert_chain(cert_file, key_file)
+        except (OSError, ssl.SSLError) as exc:  # at start: a settings problem, named as one
+            raise SettingsError(
+                f"invalid setting tls_cert_file/tls_key_file ({cert_file}, {key_file}): {exc}"
+            ) from None
         self.reloads = 0
         self._task: asyncio.Task[None] | None = None
 
