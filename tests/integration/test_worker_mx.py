@@ -70,3 +70,20 @@ async def test_address_limit(dns_server: DnsServer) -> None:
     assert len(hosts) == 4
     assert {h.address for h in hosts[:3]} == {"127.0.0.31", "127.0.0.32", "127.0.0.33"}
     assert hosts[3].address in ("127.0.0.34", "127.0.0.35")
+
+
+@pytest.mark.parametrize(
+    ("domain", "address"), [("[127.0.0.23]", "127.0.0.23"), ("[IPv6:::1]", "::1")]
+)
+async def test_address_literals_need_no_dns(
+    dns_server: DnsServer, domain: str, address: str
+) -> None:
+    (host,) = await resolver(dns_server).hosts(domain)
+    assert (host.name, host.address) == (domain, address)
+
+
+@pytest.mark.parametrize("domain", ["[300.1.1.1]", "[::1]", "[IPv6:127.0.0.1x]"])
+async def test_bad_address_literals_fail_5_1_2(dns_server: DnsServer, domain: str) -> None:
+    with pytest.raises(MxLookupError) as info:
+        await resolver(dns_server).hosts(domain)
+    assert info.value.code == "5.1.2"

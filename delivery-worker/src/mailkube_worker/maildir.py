@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 from mailkube_core.addresses import split_address
 
-_SUBDIRS = ("tmp", "new", "cur")
+_SUBDIRS = ("new", "cur", "tmp")
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,8 @@ def _exists(box: Path, name: str) -> bool:
 
 
 def create(box: Path) -> None:
-    """tmp/ new/ cur/ (and the Maildir++ marker in a subfolder), durably."""
+    """new/ cur/ tmp/ (and the Maildir++ marker in a subfolder), durably. tmp/ comes last:
+    another worker that finds tmp/ and writes into it must find new/ for its rename."""
     created = not box.exists()
     for sub in _SUBDIRS:
         (box / sub).mkdir(parents=True, exist_ok=True, mode=0o700)

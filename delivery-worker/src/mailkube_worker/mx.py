@@ -6,6 +6,7 @@
 - A name that does not exist: 5.1.2 (RFC 3463 bad destination system address); names under
   `.invalid` without asking (RFC 6761 §6.4).
 - Any DNS trouble (SERVFAIL, timeout): temporary, 4.4.3, retried later.
+- An address literal (user@[192.0.2.1], RFC 5321 §4.1.3) is its own single host.
 - At most `address_limit` addresses (IPv6 and IPv4) are returned, like Postfix's
   smtp_mx_address_limit, so a domain with many MX hosts cannot hold a worker for long.
 """
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import random
 from dataclasses import dataclass
 from datetime import timedelta
@@ -65,6 +67,8 @@ class MxResolver:
 
     async def hosts(self, domain: str) -> list[Host]:
         """The addresses to try, in order; raises MxLookupError."""
+        if domain.startswith("[") and domain.endswith("]"):
+            return [self._literal(domain)]
         if domain.rstrip(".").lower().endswith(".invalid"):
             # RFC 6761 §6.4: resolvers should answer names under .invalid negatively at once
             raise MxLookupError("5.1.2", f"domain {domain} does not exist", permanent=True)
@@ -99,6 +103,21 @@ class MxResolver:
                 raise temporary
             raise MxLookupError("5.4.4", f"no address for any MX host of {domain}", permanent=True)
         return found[: self.address_limit]
+
+    @staticmethod
+    def _literal(domain: str) -> Host:
+        """An address literal, user@[192.0.2.1] or user@[IPv6:2001:db8::1] (RFC 5321 §4.1.3):
+        no DNS, that host and no other."""
+        text = domain[1:-1]
+        if text[:5].lower() == "ipv6:":
+            text = text[5:]
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise MxLookupError("5.1.2", f"bad address literal {domain}", permanent=True) from None
+        if domain[1:6].lower() != "ipv6:" and address.version == 6:
+            raise MxLookupError("5.1.2", f"bad address literal {domain}", permanent=True)
+        return Host(domain, str(address), 0)
 
     async def _addresses(self, name: str, preference: int) -> list[Host]:
         """IPv6 and IPv4 addresses of one host (asked at once)."""

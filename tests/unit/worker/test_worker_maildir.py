@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,3 +58,18 @@ def test_local_parts_cannot_climb_out_of_the_domain(tmp_path: Path) -> None:
 def test_render_prepends_trace_headers_and_uses_lf() -> None:
     content = maildir.render(b"Subject: x\r\n\r\nbody\r\n", "", "alice@example.test")
     assert content == b"Return-Path: <>\nDelivered-To: alice@example.test\nSubject: x\n\nbody\n"
+
+
+def test_concurrent_first_deliveries_to_a_new_mailbox_all_land(tmp_path: Path) -> None:
+    """Workers racing to create one mailbox: whoever finds tmp/ must also find new/."""
+    for round_ in range(50):
+        box = maildir.mailbox_path(tmp_path, f"user{round_}@example.test")
+        barrier = threading.Barrier(8)
+
+        def deliver(n: int, box: Path = box, barrier: threading.Barrier = barrier) -> bool:
+            barrier.wait()
+            return not maildir.store(box, f"m{n}", b"x", check_existing=False).duplicate
+
+        with ThreadPoolExecutor(8) as pool:
+            assert all(pool.map(deliver, range(8)))
+        assert len(list((box / "new").iterdir())) == 8

@@ -168,7 +168,9 @@ class QueueConsumer:
             await _wait(stop, every)
             for claimed in list(self._inflight.values()):
                 try:
-                    if not await self.queue.extend(claimed):
+                    lost = not await self.queue.extend(claimed)
+                    # a claim settled while we asked is not lost: it is done
+                    if lost and any(c is claimed for c in self._inflight.values()):
                         log.warning("lost a claim to another consumer",
                                     extra={"message_id": claimed.id})  # fmt: skip
                 except Exception:
