@@ -65,6 +65,7 @@ bench: setup
 		$(SUDO) postfix stop >/dev/null 2>&1 || true; \
 	}
 	uv run python bench/queue_bench.py
+	uv run python bench/worker_bench.py
 
 clean:
 	rm -rf .run
