@@ -42,9 +42,11 @@ class Script:
     #: reply to EHLO instead of the extensions
     ehlo: str | None = None
     mail: str | None = None
-    #: the first DATA waits for this event (then answers 451, storing nothing), so a test can
-    #: act while a delivery is in flight; `held` is set once it waits
+    #: the first DATA waits for this event, so a test can act while a delivery is in
+    #: flight; `held` is set once it waits. Then it answers 451 and stores nothing, unless
+    #: `keep_held` (the client is still there): then it goes on as usual
     hold: threading.Event | None = None
+    keep_held: bool = False
     held: threading.Event = field(default_factory=threading.Event)
 
 
@@ -92,7 +94,8 @@ class Handler:
         if hold is not None and not self.script.held.is_set():
             self.script.held.set()
             await asyncio.to_thread(hold.wait, 60)
-            return "451 4.3.0 the client went away"
+            if not self.script.keep_held:
+                return "451 4.3.0 the client went away"
         with self.lock:
             self.transactions += 1
             reply = self.script.data.pop(0) if self.script.data else "250 2.0.0 queued"

@@ -27,6 +27,8 @@ from worker_harness import (
     worker_settings,
 )
 
+from mailkube_core.queue import Queue
+from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import User
 from mailkube_core.settings import WorkerSettings
 
@@ -173,3 +175,45 @@ async def test_sigkill_in_the_middle_of_a_delivery_loses_nothing(
 
 async def _is_set(event: threading.Event) -> bool:
     return event.is_set()
+
+
+async def test_sigterm_lets_a_delivery_in_flight_finish(
+    redis_url: str, tmp_path: Path, workers: list[WorkerProcess], dns_server: DnsServer,
+    mx_farm: MxFarm,
+) -> None:  # fmt: skip
+    """SIGTERM while the remote host is still receiving: the worker claims nothing new, the
+    delivery in flight completes within shutdown_grace, and the process exits 0."""
+    settings = worker_settings(redis_url, tmp_path / "mail")
+    release = threading.Event()
+    script = Script(hold=release, keep_held=True)
+    mx = mx_farm.start("127.0.0.26", script)
+    routing = await apply_routing(settings, table(ALICE))
+    worker = WorkerProcess(
+        settings, "pod-a", "--role", "remote",
+        MAILKUBE_DNS_NAMESERVERS=dns_server.host, MAILKUBE_DNS_PORT=str(dns_server.port),
+        MAILKUBE_SMTP_PORT=str(mx_farm.port), MAILKUBE_SHUTDOWN_GRACE="20s",
+    )  # fmt: skip
+    workers.append(worker)
+    await worker.ready()
+    await enqueue(settings, ["hank@retry.test"], mail_from="alice@example.test", routing=routing)
+    await eventually(lambda: _is_set(script.held))
+    worker.process.send_signal(signal.SIGTERM)
+    await eventually(lambda: _not_ready(worker.port))  # stopped claiming, still running
+    assert worker.process.poll() is None
+    (later,) = await enqueue(settings, ["ivy@retry.test"], mail_from="alice@example.test",
+                             routing=routing)  # fmt: skip
+    release.set()
+    assert await asyncio.to_thread(worker.process.wait, 30) == 0
+    assert [r.rcpt_tos for r in mx.received] == [["hank@retry.test"]]
+    redis = connect_redis(settings)
+    try:
+        info = await Queue.from_settings(settings, redis).inspect(later)
+    finally:
+        await redis.aclose()
+    assert info is not None
+    assert info.attempts == 0  # left in the queue for the other workers
+    assert info.state == "queued"  # not even claimed
+
+
+async def _not_ready(port: int) -> bool:
+    return await http_status(port, "/readyz") != 200
