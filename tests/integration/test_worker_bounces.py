@@ -117,3 +117,42 @@ async def test_delay_dsn_once_after_the_warning_time(
 
 async def _files(root: Path, address: str) -> list[Path]:
     return maildir_files(root, address)
+
+
+async def test_notify_success_gets_a_delivered_or_relayed_notice(
+    redis_url: str, tmp_path: Path, telemetry: Telemetry, dns_server: DnsServer,
+    mx_farm: MxFarm,
+) -> None:  # fmt: skip
+    settings = worker_settings(redis_url, tmp_path / "mail", dns_nameservers=[dns_server.host],
+                               dns_port=dns_server.port, smtp_port=mx_farm.port)  # fmt: skip
+    mx = mx_farm.start("127.0.0.26")  # aiosmtpd offers no DSN extension: ours to say
+    routing = await apply_routing(settings, table(ALICE, CAROL))
+    success = frozenset({Notify.SUCCESS, Notify.FAILURE})
+    recipients = [
+        Recipient(address="alice@example.test", notify=success),
+        Recipient(address="hank@retry.test", notify=success, orcpt="rfc822;Hank@retry.test"),
+        Recipient(address="ivy@retry.test"),  # no NOTIFY: no success notice
+    ]
+    async with running_worker(settings, telemetry):
+        await enqueue(settings, recipients, mail_from="carol@example.test", routing=routing)
+
+        async def two_notices() -> list[Path]:
+            files = maildir_files(settings.mail_root, "carol@example.test")
+            return files if len(files) == 2 else []
+
+        notices = await eventually(two_notices)
+        await eventually(lambda: queue_empty(settings))
+    assert [r.rcpt_tos for r in mx.received] == [["hank@retry.test", "ivy@retry.test"]]
+    blocks = {}
+    for path in notices:
+        dsn = parse(path)
+        assert dsn["Subject"] == "Successful Mail Delivery Report"
+        _, status, _ = dsn.get_payload()  # type: ignore[misc]
+        for block in status.get_payload()[1:]:
+            blocks[block["Final-Recipient"]] = block
+    assert sorted(blocks) == ["rfc822;alice@example.test", "rfc822;hank@retry.test"]
+    assert blocks["rfc822;alice@example.test"]["Action"] == "delivered"
+    assert blocks["rfc822;alice@example.test"]["Status"] == "2.0.0"
+    assert blocks["rfc822;hank@retry.test"]["Action"] == "relayed"
+    assert blocks["rfc822;hank@retry.test"]["Original-Recipient"] == "rfc822;Hank@retry.test"
+    assert blocks["rfc822;hank@retry.test"]["Remote-MTA"] == "dns; mx.retry.test"

@@ -50,6 +50,20 @@ class Bouncer:
         if wanted:
             await self._send(failed.message_id, envelope, failed.body, wanted, "failed")
 
+    async def notify_success(self, claimed: Claimed, succeeded: list[tuple[int, Action]]) -> None:
+        """Success notices for the recipients that asked for them (NOTIFY=SUCCESS): one DSN
+        per action. Best effort: a crash right after the delivery sends none."""
+        envelope = claimed.envelope
+        by_action: dict[Action, list[DsnRecipient]] = {}
+        for index, action in succeeded:
+            if envelope.wants_dsn(index, "success"):
+                result = claimed.results[index]
+                by_action.setdefault(action, []).append(
+                    DsnRecipient(envelope.recipients[index], result)
+                )
+        for action, recipients in by_action.items():
+            await self._send(claimed.id, envelope, claimed.body, recipients, action)
+
     def delay_key(self, message_id: str) -> str:
         return f"{self.settings.key_prefix}:dsn-delayed:{message_id}"
 

@@ -23,7 +23,14 @@ from typing import Literal
 
 from mailkube_core.queue import Envelope, Recipient, RecipientResult
 
-Action = Literal["failed", "delayed"]
+#: RFC 3464 §2.3.3 (expanded, for mailing lists, is not something Mailkube does)
+Action = Literal["failed", "delayed", "delivered", "relayed"]
+_SUBJECTS: dict[str, str] = {
+    "failed": "Undelivered Mail Returned to Sender",
+    "delayed": "Delayed Mail (still being retried)",
+    "delivered": "Successful Mail Delivery Report",
+    "relayed": "Successful Mail Delivery Report",
+}
 _STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f<>]")
@@ -62,6 +69,8 @@ def _text(value: str, limit: int = 900) -> str:
 
 def _status(result: RecipientResult, action: Action) -> str:
     code = result.enhanced_code or ""
+    if action in ("delivered", "relayed"):
+        return code if _STATUS.fullmatch(code) and code[0] == "2" else "2.0.0"
     if not (_STATUS.fullmatch(code) and code[0] in "45"):
         return "4.0.0" if action == "delayed" else "5.0.0"
     # RFC 3464 §2.3.4: a delayed recipient has a transient (4.x.x) status
@@ -113,11 +122,7 @@ def build_dsn(
     while boundary.encode() in body:
         boundary = f"=_mailkube_{secrets.token_hex(12)}"
     mailer_daemon = f"MAILER-DAEMON@{reporting_mta}"
-    subject = (
-        "Undelivered Mail Returned to Sender"
-        if action == "failed"
-        else "Delayed Mail (still being retried)"
-    )
+    subject = _SUBJECTS[action]
     sender = envelope.mail_from
     head = [
         f"From: Mail Delivery System <{mailer_daemon}>",
@@ -168,10 +173,12 @@ def build_dsn(
     # message too big to send back)
     if envelope.ret == "FULL" and len(body) <= full_limit:
         returned_type, returned = "message/rfc822", _crlf(body)
-        description = "Undelivered Message"
+        description = "Message"
     else:
         returned_type, returned = "text/rfc822-headers", _split_headers(body) + b"\r\n"
-        description = "Undelivered Message Headers"
+        description = "Message Headers"
+    if action in ("failed", "delayed"):
+        description = "Undelivered " + description
     returned_part = [f"Content-Type: {returned_type}", f"Content-Description: {description}"]
     if not returned.isascii():
         returned_part.append("Content-Transfer-Encoding: 8bit")
@@ -211,7 +218,12 @@ def _human_text(
     retry_until: datetime | None,
 ) -> str:
     lines = [f"This is the mail system at host {reporting_mta}.", ""]
-    if action == "failed":
+    if action in ("delivered", "relayed"):
+        lines += ["Your message was delivered to the recipients below, as you asked to be told.",
+                  "(Relayed: handed to a system that sends no delivery notices itself.)"
+                  if action == "relayed" else "",
+                  "", "Recipients:"]  # fmt: skip
+    elif action == "failed":
         lines += ["Your message could not be delivered to one or more recipients.",
                   "It has been returned below (its headers, or all of it if you asked).",
                   "", "The following recipients failed permanently:"]  # fmt: skip

@@ -74,11 +74,15 @@ class DeliveryHandler:
             pending = claimed.pending()
             if claimed.lane == "local":
                 assert self.local is not None, "a local claim in a worker without the local role"
-                await self.local.deliver_all(claimed, pending, record)
+                succeeded = await self.local.deliver_all(claimed, pending, record)
             else:
                 assert self.remote is not None, "a remote claim in a worker without that role"
-                await self.remote.deliver_all(claimed, pending, record)
+                succeeded = await self.remote.deliver_all(claimed, pending, record)
             settlement = await self.queue.settle(claimed)
+            try:
+                await self.bouncer.notify_success(claimed, succeeded)
+            except Exception:
+                log.exception("success DSN failed", extra={"message_id": claimed.id})
             outcomes["bounced"] += settlement.failed
             if settlement.outcome == "deferred":
                 outcomes["deferred"] += len(claimed.pending())

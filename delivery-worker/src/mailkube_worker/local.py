@@ -16,11 +16,12 @@ from email.parser import BytesHeaderParser
 from functools import partial
 from pathlib import Path
 
-from mailkube_core.queue import Claimed, Envelope, Queue, RecipientResult
+from mailkube_core.queue import Claimed, Envelope, Queue, RecipientResult, RecipientStatus
 from mailkube_core.routing import RoutingSnapshot, User
 
 from . import maildir
 from .counters import Counters
+from .dsn import Action
 from .results import deferred, delivered, failed
 
 log = logging.getLogger(__name__)
@@ -172,8 +173,16 @@ class LocalDelivery:
         body = f"Delivered-To: {recipient.address}\r\n".encode() + claimed.body
         await self.queue.enqueue(envelope, body, is_local=self.routing().is_local)
 
-    async def deliver_all(self, claimed: Claimed, pending: list[int], record: Recorder) -> None:
-        """Every pending recipient, each result recorded as soon as it is known."""
+    async def deliver_all(
+        self, claimed: Claimed, pending: list[int], record: Recorder
+    ) -> list[tuple[int, Action]]:
+        """Every pending recipient, each result recorded as soon as it is known. Returns the
+        recipients delivered, for success notices (NOTIFY=SUCCESS)."""
         done: set[str] = set()
+        delivered_now: list[tuple[int, Action]] = []
         for index in pending:
-            await record({index: await self.deliver(claimed, index, done)})
+            result = await self.deliver(claimed, index, done)
+            await record({index: result})
+            if result.status is RecipientStatus.DELIVERED:
+                delivered_now.append((index, "delivered"))
+        return delivered_now

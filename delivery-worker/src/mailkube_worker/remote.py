@@ -16,11 +16,12 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 from mailkube_core.addresses import split_address
-from mailkube_core.queue import Claimed, Recipient, RecipientResult
+from mailkube_core.queue import Claimed, Recipient, RecipientResult, RecipientStatus
 from mailkube_core.routing import RoutingSnapshot
 from mailkube_core.settings import WorkerSettings
 
 from .connections import ConnectionPool
+from .dsn import Action
 from .mx import Host, MxLookupError, MxResolver
 from .results import deferred, failed
 from .smarthost import Relay, relay_for
@@ -85,18 +86,29 @@ class RemoteDelivery:
             groups.setdefault(destination, []).append(index)
         return groups
 
-    async def deliver_all(self, claimed: Claimed, pending: list[int], record: Recorder) -> None:
+    async def deliver_all(
+        self, claimed: Claimed, pending: list[int], record: Recorder
+    ) -> list[tuple[int, Action]]:
+        """Deliver every pending recipient; returns those delivered to a host without the
+        DSN extension, whose success notices (NOTIFY=SUCCESS) are ours to send as `relayed`
+        (RFC 3461 §5.2.2.2; a host with it takes the duty over)."""
         groups = self.destinations(claimed, pending)
+        relayed: list[tuple[int, Action]] = []
 
         async def one(destination: Destination, indexes: list[int]) -> None:
             try:
-                results = await self._deliver(claimed, destination, indexes)
+                results, next_hop_dsn = await self._deliver(claimed, destination, indexes)
             except Exception as exc:  # a bug must not lose the other groups' results
                 log.exception("remote delivery failed", extra={"message_id": claimed.id})
                 results = {i: deferred("4.3.0", f"internal error: {exc!r}") for i in indexes}
+                next_hop_dsn = False
             await record(results)
+            if not next_hop_dsn:
+                relayed.extend((i, "relayed") for i, r in results.items()
+                               if r.status is RecipientStatus.DELIVERED)  # fmt: skip
 
         await asyncio.gather(*(one(d, indexes) for d, indexes in groups.items()))
+        return sorted(relayed)
 
     def _tls_mode(self, claimed: Claimed, domain: str) -> TlsMode:
         if domain in self.require_tls:
@@ -108,7 +120,8 @@ class RemoteDelivery:
 
     async def _deliver(
         self, claimed: Claimed, destination: Destination, indexes: list[int]
-    ) -> dict[int, RecipientResult]:
+    ) -> tuple[dict[int, RecipientResult], bool]:
+        """The recipients' results, and whether the host that took them offered DSN."""
         recipients = [(i, claimed.envelope.recipients[i]) for i in indexes]
         async with self.pool.slot(destination.key):
             session = self.pool.take(destination.pool_key)
@@ -121,7 +134,7 @@ class RemoteDelivery:
                 peers = await self._peers(destination)
             except MxLookupError as exc:
                 make = failed if exc.permanent else deferred
-                return {i: make(exc.code, str(exc)) for i in indexes}
+                return {i: make(exc.code, str(exc)) for i in indexes}, False
             last: SessionError | None = None
             for peer in self._skip_failed(peers):
                 try:
@@ -145,9 +158,14 @@ class RemoteDelivery:
                 try:
                     return await self._transaction(destination, session, claimed, recipients)
                 except SessionError as exc:
-                    return {i: deferred(exc.code, str(exc), remote_mta=peer.name) for i in indexes}
+                    failure = {
+                        i: deferred(exc.code, str(exc), remote_mta=peer.name) for i in indexes
+                    }
+                    return failure, False
             assert last is not None
-            return {i: deferred(last.code, str(last), smtp_code=last.smtp_code) for i in indexes}
+            return {
+                i: deferred(last.code, str(last), smtp_code=last.smtp_code) for i in indexes
+            }, False
 
     async def _transaction(
         self,
@@ -155,22 +173,26 @@ class RemoteDelivery:
         session: SmtpSession,
         claimed: Claimed,
         recipients: list[tuple[int, Recipient]],
-    ) -> dict[int, RecipientResult]:
+    ) -> tuple[dict[int, RecipientResult], bool]:
         limit = session.max_size()
         if limit is not None and len(claimed.body) > limit:
             # RFC 1870 §6: do not send what the server said it will not take; 5.3.4
             self.pool.give(destination.pool_key, session)
             text = f"message of {len(claimed.body)} bytes exceeds {session.remote_mta}'s " \
                    f"limit of {limit} bytes"  # fmt: skip
-            return {i: failed("5.3.4", text, remote_mta=session.remote_mta) for i, _ in recipients}
+            return {
+                i: failed("5.3.4", text, remote_mta=session.remote_mta) for i, _ in recipients
+            }, False
         if claimed.envelope.smtputf8 and not session.smtp.supports_extension("smtputf8"):
             # RFC 6531 §3.4: an SMTPUTF8 message is not downgraded; it bounces with 5.6.7
             self.pool.give(destination.pool_key, session)
             text = f"{session.remote_mta} does not support SMTPUTF8"
-            return {i: failed("5.6.7", text, remote_mta=session.remote_mta) for i, _ in recipients}
+            return {
+                i: failed("5.6.7", text, remote_mta=session.remote_mta) for i, _ in recipients
+            }, False
         results = await session.send(claimed.envelope, recipients, claimed.body)
         self.pool.give(destination.pool_key, session)
-        return results
+        return results, session.smtp.supports_extension("dsn")
 
     async def _peers(self, destination: Destination) -> list[Peer]:
         if destination.relay is not None:

@@ -114,7 +114,7 @@ _recipient = st.builds(
     envid=st.one_of(st.none(), _text),
     ret=st.sampled_from([None, "FULL", "HDRS"]),
     body=st.one_of(st.binary(max_size=3000), st.just(ORIGINAL)),
-    action=st.sampled_from(["failed", "delayed"]),
+    action=st.sampled_from(["failed", "delayed", "delivered", "relayed"]),
 )
 def test_any_dsn_parses_and_has_the_right_parts(
     items: list[tuple[Recipient, RecipientResult]],
@@ -153,7 +153,7 @@ def test_any_dsn_parses_and_has_the_right_parts(
         assert block["Final-Recipient"] == encode_address(recipient.address)
         assert block["Action"] == action
         code = str(block["Status"])
-        assert code[0] in ("4" if action == "delayed" else "45")
+        assert code[0] in {"delayed": "4", "failed": "45", "delivered": "2", "relayed": "2"}[action]
         if action == "failed" and result.enhanced_code and result.enhanced_code[:1] in "45":
             assert code in (result.enhanced_code, "5.0.0")
         assert ("Original-Recipient" in block) == bool(recipient.orcpt)
