@@ -43,10 +43,16 @@ SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 RECIPIENT = "rcpt@example.test"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(count: int) -> list[int]:
+    """Distinct free ports: the sockets stay open until all are picked."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def wait_until(check: object, timeout: float, what: str) -> None:
@@ -130,13 +136,13 @@ async def queued(url: str) -> int:
 
 def gateway_cell(tmp: Path, sessions: int, size: int, messages: int, processes: int) -> dict:
     redis = RedisServer(tmp / f"redis-{sessions}-{size}-{processes}", appendfsync="always").start()
-    smtp_port, health_port = free_port(), free_port()
+    smtp_port, health_port, submission_port, submissions_port = free_ports(4)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKUBE_")}
     env.update({
         "MAILKUBE_REDIS_URL": redis.url, "MAILKUBE_HOSTNAME": "mx.bench.test",
         "MAILKUBE_MX_LISTEN": f"127.0.0.1:{smtp_port}",
-        "MAILKUBE_SUBMISSION_LISTEN": f"127.0.0.1:{free_port()}",
-        "MAILKUBE_SUBMISSIONS_LISTEN": f"127.0.0.1:{free_port()}",
+        "MAILKUBE_SUBMISSION_LISTEN": f"127.0.0.1:{submission_port}",
+        "MAILKUBE_SUBMISSIONS_LISTEN": f"127.0.0.1:{submissions_port}",
         "MAILKUBE_TELEMETRY_LISTEN": f"127.0.0.1:{health_port}",
         "MAILKUBE_PROCESSES": str(processes), "MAILKUBE_LOG_LEVEL": "WARNING",
         # the benchmark sends far more than a real sender may
@@ -167,7 +173,7 @@ def gateway_cell(tmp: Path, sessions: int, size: int, messages: int, processes: 
 
 
 def sink_cell(sessions: int, size: int, messages: int) -> float:
-    port = free_port()
+    (port,) = free_ports(1)
     user = ["-u", "nobody"] if os.geteuid() == 0 else []  # it refuses to run as root
     sink = subprocess.Popen([SMTP_SINK, *user, f"127.0.0.1:{port}", "256"])
     try:

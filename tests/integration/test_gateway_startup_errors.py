@@ -49,3 +49,20 @@ def test_startup_problem_is_one_line_and_status_2(
     assert len(problem) == 1, result.stderr
     assert problem[0].startswith(f"mailkube-gateway: {expected}")
     assert "Traceback" not in result.stderr
+
+
+def test_a_taken_port_is_one_line_naming_the_listener(redis_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = start_gateway(
+            redis_url,
+            {"MAILKUBE_MX_LISTEN": f"127.0.0.1:{port}", "MAILKUBE_SUBMISSIONS_LISTEN": ""},
+        )
+    assert result.returncode == 2, result.stderr
+    problem = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert problem == [
+        f"mailkube-gateway: invalid setting mx_listen: cannot listen on 127.0.0.1:{port}: "
+        "Address already in use"
+    ]

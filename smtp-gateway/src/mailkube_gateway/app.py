@@ -23,7 +23,7 @@ from mailkube_core.queue import Queue
 from mailkube_core.redis_client import RedisClient, connect_redis
 from mailkube_core.routing import PasswordVerifier, RoutingReader, RoutingStore
 from mailkube_core.service import Service
-from mailkube_core.settings import GatewaySettings
+from mailkube_core.settings import GatewaySettings, SettingsError
 
 from .gateway import Gateway
 from .listeners import ListenerSpec, listener_specs, serve_listener
@@ -125,7 +125,18 @@ class GatewayApp:
             return GatewaySMTP(self.gateway, spec)
 
         for spec in self.specs:
-            for server in await serve_listener(spec, factory, reuse_port=reuse_port):
+            try:
+                servers = await serve_listener(spec, factory, reuse_port=reuse_port)
+            except OSError as exc:  # port taken, address not on this host, privileged port
+                for server in self.servers:
+                    server.close()
+                setting = {"mx": "mx_listen", "submission": "submission_listen"}.get(
+                    spec.name, "submissions_listen"
+                )
+                raise SettingsError(
+                    f"invalid setting {setting}: cannot listen on {spec.address}: {exc.strerror}"
+                ) from None
+            for server in servers:
                 self.servers.append(server)
                 self.bound.append((spec, server))
             log.info("listening", extra={"listener": spec.name, "address": spec.address})
