@@ -1,6 +1,7 @@
 # Mailkube — `make run` starts the local stack, `make test` runs lint and the whole suite.
-# Both set up what they need first: uv, the locked Python environment, redis-server, and
-# swaks with TLS (Net::SSLeay is only a Recommends of the swaks package).
+# Both set up what they need first: uv, the locked Python environment, redis-server,
+# swaks with TLS (Net::SSLeay is only a Recommends of the swaks package), and Postfix's
+# smtp-sink, a fake MX host for the worker's tests (Postfix itself unconfigured and stopped).
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -25,10 +26,16 @@ setup:
 	command -v uv >/dev/null || python3 -m pip --version >/dev/null 2>&1 || pkgs="python3-pip"; \
 	command -v redis-server >/dev/null && command -v redis-cli >/dev/null || pkgs="$$pkgs redis-server"; \
 	swaks --support 2>&1 | grep '^=== TLS supported' >/dev/null || pkgs="$$pkgs swaks libnet-ssleay-perl"; \
+	command -v smtp-sink >/dev/null || pkgs="$$pkgs postfix"; \
 	if [ -n "$$pkgs" ]; then \
 		echo "Installing Debian packages:$$pkgs"; \
+		echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
 		$(SUDO) apt-get update -qq; \
 		$(APT_INSTALL) $$pkgs >/dev/null; \
+		case "$$pkgs" in *postfix*) \
+			$(SUDO) systemctl disable --now postfix >/dev/null 2>&1 || true; \
+			$(SUDO) postfix stop >/dev/null 2>&1 || true;; \
+		esac; \
 	fi; \
 	if ! command -v uv >/dev/null; then \
 		echo "Installing uv with pip"; \

@@ -6,13 +6,19 @@ optional STARTTLS / implicit TLS / AUTH. Plus a server that refuses at the greet
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import re
+import shutil
 import socket
 import socketserver
 import ssl
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trustme
@@ -181,6 +187,37 @@ class Certificates:
         return context
 
 
+class Sink:
+    """Postfix's smtp-sink: takes every message and throws it away, counting (-c)."""
+
+    def __init__(self, host: str, port: int, log: Path) -> None:
+        self.log = log
+        sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+        privileges = ["-u", "nobody"] if os.geteuid() == 0 else []  # required as root
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sink, *privileges, "-c", f"{host}:{port}", "64"],
+                stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while True:
+            assert self.process.poll() is None, log.read_text()
+            with socket.socket() as probe:
+                if probe.connect_ex((host, port)) == 0:
+                    break
+            assert time.monotonic() < deadline, "smtp-sink did not start"
+            time.sleep(0.02)
+
+    def messages(self) -> int:
+        """Messages received so far (smtp-sink -c writes 'sess=N quit=N mesg=N')."""
+        counts = re.findall(r"mesg=(\d+)", self.log.read_text(errors="replace"))
+        return max((int(n) for n in counts), default=0)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
 class MxFarm:
     """Starts fake MX hosts on one port; stops them all at the end of the test."""
 
@@ -188,6 +225,7 @@ class MxFarm:
         self.port = port
         self.servers: list[FakeMx] = []
         self.refusers: list[socketserver.TCPServer] = []
+        self.sinks: list[Sink] = []
 
     def start(
         self,
@@ -241,7 +279,14 @@ class MxFarm:
         self.refusers.append(server)
         return seen
 
+    def start_sink(self, host: str, log: Path) -> Sink:
+        sink = Sink(host, self.port, log)
+        self.sinks.append(sink)
+        return sink
+
     def stop(self) -> None:
+        for sink in self.sinks:
+            sink.stop()
         for server in self.servers:
             server.stop()
         for refuser in self.refusers:

@@ -24,7 +24,7 @@ from worker_harness import (
 
 from mailkube_core.queue import Queue, Recipient
 from mailkube_core.redis_client import connect_redis
-from mailkube_core.routing import User
+from mailkube_core.routing import RelayHost, User
 from mailkube_core.settings import WorkerSettings
 from mailkube_core.telemetry import Telemetry
 
@@ -322,3 +322,40 @@ async def test_smtputf8_message_to_a_host_without_it_bounces_5_6_7(
     ((_, (block,)),) = bounces(settings)
     assert block["Status"] == "5.6.7"
     assert block["Final-Recipient"] == "utf-8;j\\x{FC}rgen@big.test"
+
+
+async def test_many_messages_to_postfix_smtp_sink(
+    settings: WorkerSettings, telemetry: Telemetry, mx_farm: MxFarm, tmp_path: Path
+) -> None:
+    sink = mx_farm.start_sink("127.0.0.42", tmp_path / "sink.log")
+    routing = await apply_routing(settings, table(CAROL))
+    async with running_worker(settings, telemetry):
+        for n in range(30):
+            await enqueue(settings, [f"n{n}@sink.test"], mail_from="carol@example.test",
+                          routing=routing)  # fmt: skip
+        await eventually(lambda: queue_empty(settings))
+    assert sink.messages() == 30
+    assert bounces(settings) == []
+
+
+async def test_mail_from_a_domain_with_its_own_relay_goes_through_it(
+    settings: WorkerSettings, telemetry: Telemetry, mx_farm: MxFarm, certificates: Certificates
+) -> None:
+    """The MailDomain's relay (from the routing table, credentials included) wins over MX."""
+    relay = mx_farm.start("127.0.0.43", tls=certificates.server_context("127.0.0.43"),
+                          users={"example-relay": "pw-from-secret"})  # fmt: skip
+    mx = mx_farm.start("127.0.0.21")
+    trusted = with_(settings, smtp_tls_ca_file=certificates.ca_file)
+    own_relay = RelayHost(host="127.0.0.43", port=trusted.smtp_port, tls="starttls",
+                          username="example-relay", password="pw-from-secret")  # fmt: skip
+    routing = await apply_routing(trusted, table(CAROL, relay=own_relay))
+    async with running_worker(trusted, telemetry):
+        await enqueue(trusted, ["dave@mx-pref.test"], mail_from="carol@example.test",
+                      routing=routing)  # fmt: skip
+        await enqueue(trusted, ["erin@mx-pref.test"], mail_from="someone@elsewhere.test",
+                      routing=routing)  # fmt: skip
+        await eventually(lambda: queue_empty(trusted))
+    assert [(r.rcpt_tos, r.login, r.tls) for r in relay.received] == [
+        (["dave@mx-pref.test"], "example-relay", True)
+    ]
+    assert [r.rcpt_tos for r in mx.received] == [["erin@mx-pref.test"]]
