@@ -218,3 +218,20 @@ def test_dev_brings_up_redis_loads_routing_and_stops_on_ctrl_c(tmp_path: Path) -
     assert "stopped" in rest
     with socket.socket() as sock:  # redis is gone with it
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_output_into_a_closed_pipe_ends_quietly(redis_url: str) -> None:
+    """`mailkube queue list | head`: the reader is gone before the CLI writes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKUBE_")}
+    env["MAILKUBE_REDIS_URL"] = redis_url
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [*MAILKUBE, "queue", "stats"], env=env, stdout=write_end, stderr=subprocess.PIPE,
+            text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr
+    assert result.returncode == 141
