@@ -27,6 +27,7 @@ from typing import Any
 
 from opentelemetry import metrics
 
+from mailkube_core.mailbox import BYTES_FIELD, MESSAGES_FIELD, mailbox_key
 from mailkube_core.queue.envelope import utcnow
 from mailkube_core.queue.outcomes import KEEP, outcomes_key, read_outcomes
 from mailkube_core.redis_client import RedisClient
@@ -79,11 +80,13 @@ class Counters:
         self._pending = _Pending.empty()
 
     def mailbox_key(self, address: str) -> str:
-        return f"{self.prefix}:mailbox:{address}"
+        return mailbox_key(self.prefix, address)
 
     async def usage(self, address: str) -> MailboxUsage:
         """What the mailbox holds, as counted (including this worker's unwritten updates)."""
-        values: Any = await self.redis.hmget(self.mailbox_key(address), ["messages", "bytes"])
+        values: Any = await self.redis.hmget(
+            self.mailbox_key(address), [MESSAGES_FIELD, BYTES_FIELD]
+        )
         return MailboxUsage(
             int(values[0] or 0) + self._pending.messages[address],
             int(values[1] or 0) + self._pending.bytes[address],
@@ -120,8 +123,8 @@ class Counters:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for address, n in pending.messages.items():
-                    pipe.hincrby(self.mailbox_key(address), "messages", n)
-                    pipe.hincrby(self.mailbox_key(address), "bytes", pending.bytes[address])
+                    pipe.hincrby(self.mailbox_key(address), MESSAGES_FIELD, n)
+                    pipe.hincrby(self.mailbox_key(address), BYTES_FIELD, pending.bytes[address])
                 for event in pending.events:
                     pipe.xadd(self.events_key, event,  # type: ignore[arg-type]
                               maxlen=self.events_max_length, approximate=True)  # fmt: skip

@@ -18,6 +18,7 @@ from datetime import timedelta
 
 from redis.commands.core import AsyncScript
 
+from mailkube_core.mailbox import BYTES_FIELD, mailbox_key
 from mailkube_core.redis_client import RedisClient
 
 # GCRA (generic cell rate algorithm): one message every `interval` ms, bursts up to
@@ -110,7 +111,6 @@ class Limits:
         return int(await self._fail(keys=[self._fail_key(kind, identity)], args=[_ms(window)]))
 
     async def mailbox_bytes(self, address: str) -> int:
-        """Bytes in a mailbox, as the delivery worker counts them (hash
-        `<prefix>:mailbox:<address>`, field `bytes`)."""
-        value = await self.redis.hget(f"{self.prefix}:mailbox:{address}", "bytes")
+        """Bytes in a mailbox, as the delivery worker counts them (mailkube_core.mailbox)."""
+        value = await self.redis.hget(mailbox_key(self.prefix, address), BYTES_FIELD)
         return int(value or 0)
