@@ -10,6 +10,8 @@ import aiosmtplib
 import pytest
 from gateway_harness import ALICE, ALICE_PASSWORD, RawClient, message, running_gateway
 
+from mailkube_core.mailbox import BYTES_FIELD, mailbox_key
+
 BATTERY = [
     "<victim@remote.test>",
     "<VICTIM@REMOTE.TEST>",
@@ -85,7 +87,7 @@ async def test_rcpt_checks_for_local_mailboxes(redis_url: str, tmp_path: Path) -
         assert (await client.command("RCPT TO:<carol@example.test>")).startswith("550 5.2.1")
         assert (await client.command("RCPT TO:<PostMaster>")).startswith("250 2.1.5")
         assert (await client.command("RCPT TO:<postmaster@limited.test>")).startswith("250")
-        await gw.app.redis.hset("mailkube:mailbox:full@example.test", "bytes", 5000)
+        await gw.app.redis.hset(mailbox_key("mailkube", "full@example.test"), BYTES_FIELD, 5000)
         assert (await client.command("RCPT TO:<full@example.test>")).startswith("452 4.2.2")
         await client.command("RCPT TO:<alice@example.test>")
         assert (await client.command("DATA")).startswith("354")
