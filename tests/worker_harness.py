@@ -7,14 +7,15 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, TypeVar
+
+from conditions import eventually
 
 from mailkube_core.queue import Envelope, Queue, Recipient
 from mailkube_core.redis_client import connect_redis
@@ -42,18 +43,6 @@ def worker_settings(redis_url: str, mail_root: Path, **overrides: Any) -> Worker
     }
     values.update(overrides)
     return WorkerSettings(**values)
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], timeout: float = 15.0) -> T:
-    """Poll `probe` until it returns something truthy; fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 async def http_status(port: int, path: str) -> int | None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import pytest
+from conditions import eventually
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
@@ -63,18 +63,6 @@ def failed() -> RecipientResult:
         smtp_code=550,
         diagnostic="no such user",
     )
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], timeout: float = 10.0) -> T:
-    """Poll `probe` until it returns something truthy, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
 
 
 class Failures:

@@ -4,10 +4,11 @@ periodic check that catches a missed notification."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+from conditions import eventually
 from redis.asyncio import Redis
 
 from mailkube_core.routing import (
@@ -27,14 +28,6 @@ def make_table(*domains: str, users: tuple[str, ...] = ()) -> RoutingTable:
     return RoutingTable(
         domains=[Domain(name=d) for d in domains], users=[User(address=u) for u in users]
     )
-
-
-async def eventually(condition: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
 
 
 async def wait_for(reader: RoutingReader, version: int, timeout: float) -> RoutingSnapshot:

@@ -6,12 +6,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from conditions import eventually
 from dns_server import DnsServer
 from fake_mx import MxFarm, Script
 from worker_harness import (
     apply_routing,
     enqueue,
-    eventually,
     maildir_files,
     parse,
     queue_empty,

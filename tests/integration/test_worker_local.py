@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conditions import eventually
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from worker_harness import (
     apply_routing,
     enqueue,
-    eventually,
     maildir_files,
     message,
     parse,

@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conditions import eventually
 from dns_server import DnsServer
 from fake_mx import MxFarm, Script
 from worker_harness import (
     apply_routing,
     enqueue,
-    eventually,
     http_status,
     maildir_files,
     queue_empty,

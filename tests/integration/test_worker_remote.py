@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conditions import eventually
 from dns_server import DnsServer
 from fake_mx import Certificates, MxFarm, Script
 from worker_harness import (
     apply_routing,
     enqueue,
-    eventually,
     maildir_files,
     message,
     parse,

@@ -19,9 +19,8 @@ import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from urllib.parse import quote
 
-from mailkube_core.addresses import split_address
+from mailkube_core.mailbox import mailbox_dir
 
 _SUBDIRS = ("new", "cur", "tmp")
 
@@ -35,14 +34,9 @@ class Stored:
 
 
 def mailbox_path(root: Path, address: str, folder: str | None = None) -> Path:
-    """Where a (normalised) address's maildir is. A local part that could climb out of the
-    domain's directory ('..', '/') is percent-encoded."""
-    local, domain = split_address(address)
-    if "/" in local or "\0" in local or local.startswith("."):
-        local = quote(local, safe="")
-        if local.startswith("."):  # quote() keeps dots: '..' would still climb
-            local = "%2E" + local[1:]
-    path = root / domain / local
+    """Where a (normalised) address's maildir is (mailkube_core.mailbox.mailbox_dir); a
+    Maildir++ folder such as Junk is `.Junk` inside it."""
+    path = root / mailbox_dir(address)
     return path / f".{folder}" if folder else path
 
 

@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mailkube_core.addresses import normalize_address, normalize_domain, split_address
+from mailkube_core.mailbox import mailbox_dir
 from mailkube_core.routing import (
     Domain,
     DomainLimits,
@@ -254,7 +255,7 @@ def _plan_users(
         except ValueError as exc:
             outcome.problem = Problem("Invalid", str(exc))
             continue
-        local, domain = split_address(address)
+        domain = split_address(address)[1]
         owner = owner_of_domain.get(domain)
         if owner is None or owner.namespace != record.namespace:
             outcome.problem = Problem(
@@ -301,6 +302,6 @@ def _plan_users(
         )
         outcome.published = True
         outcome.can_login = password_hash is not None and not spec.suspended
-        outcome.mailbox = f"{domain}/{local}/"
+        outcome.mailbox = mailbox_dir(address) + "/"
         domain_outcomes[owner.key].users += 1
     return user_outcomes, table_users

@@ -288,3 +288,12 @@ def test_empty_snapshot() -> None:
     assert snap.version == 0
     assert snap.resolve("a@example.test") is None
     assert not snap.is_local("a@example.test")
+
+
+def test_mailbox_dir_keeps_every_local_part_inside_its_domain() -> None:
+    from mailkube_core.mailbox import mailbox_dir
+
+    assert mailbox_dir("alice@example.test") == "example.test/alice"
+    assert mailbox_dir("..@example.test") == "example.test/%2E."
+    assert mailbox_dir(".hidden@example.test") == "example.test/%2Ehidden"
+    assert mailbox_dir("a/../../etc@example.test") == "example.test/a%2F..%2F..%2Fetc"
