@@ -1,7 +1,8 @@
 # Mailkube — `make run` starts the local stack, `make test` runs lint and the whole suite.
 # Both set up what they need first: uv, the locked Python environment, redis-server,
 # swaks with TLS (Net::SSLeay is only a Recommends of the swaks package), and Postfix's
-# smtp-sink, a fake MX host for the worker's tests (Postfix itself unconfigured and stopped).
+# smtp-sink, a fake MX host for the worker's tests (Postfix itself unconfigured and stopped),
+# and OpenDKIM's opendkim-testmsg, an independent DKIM verifier for the signing tests.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -27,6 +28,7 @@ setup:
 	command -v redis-server >/dev/null && command -v redis-cli >/dev/null || pkgs="$$pkgs redis-server"; \
 	swaks --support 2>&1 | grep '^=== TLS supported' >/dev/null || pkgs="$$pkgs swaks libnet-ssleay-perl"; \
 	command -v smtp-sink >/dev/null || pkgs="$$pkgs postfix"; \
+	command -v opendkim-testmsg >/dev/null || pkgs="$$pkgs opendkim-tools"; \
 	if [ -n "$$pkgs" ]; then \
 		echo "Installing Debian packages:$$pkgs"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
