@@ -110,13 +110,14 @@ class DkimSpec(_Model):
 
 
 class PolicySpec(_Model):
-    """How inbound mail for the domain is checked."""
+    """How inbound mail for the domain is checked; an unset field takes the gateway's setting
+    of the same name (dmarc_policy, spf_fail, dns_temp_error)."""
 
-    dmarc: Literal["enforce", "monitor"] = "enforce"
+    dmarc: Literal["enforce", "monitor"] | None = None
     """enforce: DMARC p=reject is refused (550) and p=quarantine goes to Junk; monitor: tag."""
-    spf_fail: Literal["reject", "tag"] = "tag"
+    spf_fail: Literal["reject", "tag"] | None = None
     """What an SPF fail does: refuse the message, or accept it with a header."""
-    dns_temp_error: Literal["defer", "accept"] = "defer"
+    dns_temp_error: Literal["defer", "accept"] | None = None
     """A DNS temporary error during SPF/DKIM/DMARC: answer 451 (defer) or accept and tag."""
     require_tls_outbound: bool = False
     """Deliver mail from this domain to other servers only over TLS."""

@@ -103,7 +103,7 @@ def show(snapshot: RoutingSnapshot, *, as_yaml: bool) -> None:
         [
             [d.name, sum(1 for u in snapshot.table.users if u.domain == d.name),
              ",".join(f"{k.selector}/{k.algorithm.split('-')[0]}" for k in d.dkim) or "-",
-             d.catch_all or "-", d.policy.dmarc, d.policy.spf_fail,
+             d.catch_all or "-", d.policy.dmarc or "default", d.policy.spf_fail or "default",
              f"{d.relay.host}:{d.relay.port}" if d.relay else "-"]
             for d in snapshot.table.domains
         ],

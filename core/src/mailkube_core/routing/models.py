@@ -44,11 +44,14 @@ class DkimKey(_Model):
 
 
 class DomainPolicy(_Model):
+    """Inbound checks for mail to the domain; None: the gateway's setting of the same name."""
+
     #: enforce: DMARC p=reject fails with 550 and p=quarantine goes to .Junk; monitor: tag only
-    dmarc: Literal["enforce", "monitor"] = "enforce"
-    spf_fail: Literal["reject", "tag"] = "tag"
+    dmarc: Literal["enforce", "monitor"] | None = None
+    #: an SPF fail: refuse (550 5.7.23) or accept with the result in Authentication-Results
+    spf_fail: Literal["reject", "tag"] | None = None
     #: a DNS temporary error during SPF/DKIM/DMARC: answer 451 (defer) or accept and tag
-    dns_temp_error: Literal["defer", "accept"] = "defer"
+    dns_temp_error: Literal["defer", "accept"] | None = None
     #: outbound: deliver only over TLS for this sender domain
     require_tls_outbound: bool = False
 

@@ -211,6 +211,26 @@ class GatewaySettings(CommonSettings):
     terminationGracePeriodSeconds); idle sessions get 421 at once."""
     processes: PositiveInt = 1
     """Gateway processes sharing the listeners with SO_REUSEPORT (one per core)."""
+    inbound_auth_checks: bool = True
+    """Check SPF, DKIM, ARC and DMARC on the MX listener and add Authentication-Results."""
+    authserv_id: str | None = None
+    """The authserv-id of Authentication-Results (RFC 8601); default: hostname."""
+    dmarc_policy: Literal["enforce", "monitor"] = "enforce"
+    """Domains without their own policy: enforce refuses DMARC p=reject failures (550 5.7.1)
+    and files p=quarantine failures in Junk; monitor only records the result."""
+    spf_fail: Literal["reject", "tag"] = "tag"
+    """Domains without their own policy: an SPF fail is refused (550 5.7.23) or only recorded."""
+    dns_temp_error: Literal["defer", "accept"] = "defer"
+    """Domains without their own policy: a DNS temporary error during SPF/DKIM/DMARC answers
+    451 4.7.x (defer) or accepts the message with the temperror recorded."""
+    dns_nameservers: StrList = []
+    """Resolvers for SPF, DKIM, DMARC (IP addresses); empty: those of /etc/resolv.conf."""
+    dns_port: Annotated[int, Field(gt=0, lt=65536)] = 53
+    """Port of dns_nameservers."""
+    dns_timeout: Duration = timedelta(seconds=5)
+    """Longest wait for one DNS lookup (all tries included)."""
+    auth_check_threads: PositiveInt = 16
+    """Threads for SPF, DKIM and ARC checks and DKIM signing (the libraries are blocking)."""
 
     @field_validator("proxy_protocol_listeners")
     @classmethod
