@@ -5,6 +5,7 @@ table in the test's Redis."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import socket
 import ssl
@@ -21,6 +22,7 @@ from typing import Any
 
 import aiosmtplib
 import trustme
+from dns_server import DnsServer
 
 from mailkube_core.queue import MessageInfo, Queue
 from mailkube_core.redis_client import connect_redis
@@ -28,6 +30,7 @@ from mailkube_core.routing import Domain, DomainLimits, RoutingStore, RoutingTab
 from mailkube_core.settings import GatewaySettings
 from mailkube_gateway.app import GatewayApp
 
+ZONES = Path(__file__).resolve().parent / "dns" / "zones"
 LOCAL = "example.test"
 ALICE = "alice@example.test"
 ALICE_PASSWORD = "alice-password"
@@ -109,8 +112,24 @@ def make_tls(directory: Path) -> Tls:
     return tls
 
 
+_dns: DnsServer | None = None
+
+
+def loopback_dns() -> DnsServer:
+    """The loopback DNS server serving tests/dns/zones, one per test process: the gateway's
+    SPF, DKIM and DMARC lookups go there and nowhere else."""
+    global _dns
+    if _dns is None:
+        _dns = DnsServer(ZONES).start()
+        atexit.register(_dns.stop)
+    return _dns
+
+
 def gateway_settings(redis_url: str, tls: Tls, **overrides: Any) -> GatewaySettings:
+    dns = loopback_dns()
     options: dict[str, Any] = {
+        "dns_nameservers": [dns.host],
+        "dns_port": dns.port,
         "redis_url": redis_url,
         "hostname": "mx.test",
         "mx_listen": [f"127.0.0.1:{free_port()}"],
@@ -294,6 +313,8 @@ def start_gateway_process(redis_url: str, tls: Tls, **env: str) -> GatewayProces
         "MAILKUBE_TELEMETRY_LISTEN": f"127.0.0.1:{ports[3]}",
         "MAILKUBE_TLS_CERT_FILE": str(tls.cert_file),
         "MAILKUBE_TLS_KEY_FILE": str(tls.key_file),
+        "MAILKUBE_DNS_NAMESERVERS": loopback_dns().host,
+        "MAILKUBE_DNS_PORT": str(loopback_dns().port),
         **env,
     }
     variables.pop("MAILKUBE_CONFIG", None)

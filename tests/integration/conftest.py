@@ -15,17 +15,13 @@ from pathlib import Path
 import pytest
 from dns_server import DnsServer
 from fake_mx import Certificates, MxFarm, free_port_on, loopback_hosts
-
-ZONES = Path(__file__).resolve().parents[1] / "dns" / "zones"
+from gateway_harness import loopback_dns
 
 
 @pytest.fixture(scope="session")
-def dns_server() -> Iterator[DnsServer]:
-    server = DnsServer(ZONES).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+def dns_server() -> DnsServer:
+    """The same server the gateway harness points gateways at (stopped at exit)."""
+    return loopback_dns()
 
 
 @pytest.fixture(scope="session")

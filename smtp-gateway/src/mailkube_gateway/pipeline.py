@@ -2,7 +2,8 @@
 it is queued. Each stage accepts (maybe adding headers), quarantines, defers or rejects; the
 first stage that does not accept decides, and is named in logs and metrics.
 
-Email authentication (SPF/DKIM/DMARC), DNSBLs, greylisting and spam scoring plug in here.
+Email authentication (mailauth/: SPF, DKIM, ARC, DMARC, DKIM signing) is the first user; DNSBLs,
+greylisting and spam scoring plug in the same way.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ _verdicts = metrics.get_meter("mailkube.gateway").create_counter(
     unit="{message}",
     description="Filter pipeline decisions other than accept, by stage and action",
 )
+
+
+STAGE_FAILED = "451 4.3.0 Message could not be checked now, try again later"
 
 
 class Action(enum.Enum):
@@ -42,7 +46,8 @@ class Verdict:
 
 @dataclass
 class Message:
-    """What a stage sees."""
+    """What a stage sees. A stage may replace `content` (e.g. to remove forged header fields);
+    the stages after it, and the queue, get the new content."""
 
     mail_from: str
     recipients: list[str]
@@ -67,6 +72,8 @@ class Outcome:
     reply: str | None
     headers: tuple[str, ...]
     annotations: dict[str, str]
+    #: the message as the stages left it
+    content: bytes
 
 
 class Pipeline:
@@ -77,7 +84,12 @@ class Pipeline:
         headers: list[str] = []
         annotations: dict[str, str] = {}
         for stage in self.stages:
-            verdict = await stage.check(message)
+            try:
+                verdict = await stage.check(message)
+            except Exception:
+                # a stage's bug must not turn into a lost or a wrongly accepted message
+                log.exception("filter stage failed", extra={"stage": stage.name})
+                verdict = Verdict(Action.DEFER, reply=STAGE_FAILED, reason="stage failed")
             headers.extend(verdict.headers)
             if verdict.action is Action.ACCEPT:
                 continue
@@ -91,5 +103,8 @@ class Pipeline:
                 # delivered, but into the recipient's Junk folder (the worker reads this)
                 annotations["quarantine"] = stage.name
                 continue
-            return Outcome(verdict.action, stage.name, verdict.reply, tuple(headers), annotations)
-        return Outcome(Action.ACCEPT, None, None, tuple(headers), annotations)
+            return Outcome(
+                verdict.action, stage.name, verdict.reply, tuple(headers), annotations,
+                message.content,
+            )  # fmt: skip
+        return Outcome(Action.ACCEPT, None, None, tuple(headers), annotations, message.content)

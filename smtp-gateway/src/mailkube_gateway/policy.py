@@ -284,7 +284,7 @@ class Policy:
             recipient=txn.recipients[0].address if len(txn.recipients) == 1 else None,
         )
         tags = b"".join(f"{header}\r\n".encode() for header in outcome.headers)
-        body = received + tags + content
+        body = received + tags + outcome.content
         envelope = Envelope(
             mail_from=txn.mail_from,
             recipients=txn.recipients,

@@ -1,0 +1,1 @@
+"""Email authentication: SPF, DKIM, ARC, DMARC, Authentication-Results, DKIM signing."""

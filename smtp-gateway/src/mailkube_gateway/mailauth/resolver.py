@@ -1,0 +1,92 @@
+"""The gateway's one DNS resolver (dnspython, asynchronous), and its bridge for the blocking
+libraries that must look things up from a worker thread (pyspf, dkimpy).
+
+Every SPF, DKIM, ARC and DMARC lookup of a gateway process goes through one
+`dns.asyncresolver.Resolver` with one cache that honours TTLs (positive and negative answers,
+RFC 2308), configurable nameservers and a timeout. The libraries run in threads, where they
+call `ThreadBridge` functions that hand the query to the event loop and wait for its answer,
+so they share the cache and the settings too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, TypeVar
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.resolver
+from dns.rdata import Rdata
+
+T = TypeVar("T")
+
+
+class DnsTempError(Exception):
+    """A lookup that may succeed later: timeout, SERVFAIL, no answer from any server."""
+
+
+class DnsResolver:
+    def __init__(self, nameservers: Sequence[str] = (), port: int = 53, timeout: float = 5.0):
+        resolver = dns.asyncresolver.Resolver(configure=not nameservers)
+        if nameservers:
+            resolver.nameservers = list(nameservers)
+        resolver.port = port
+        resolver.lifetime = timeout
+        resolver.timeout = min(timeout, 2.0)  # per try; several tries fit in the lifetime
+        resolver.cache = dns.resolver.LRUCache(50_000)
+        self._resolver = resolver
+        self.timeout = timeout
+
+    async def query(self, name: str, rdtype: str) -> list[Rdata]:
+        """The records of `rdtype` at `name`; [] when the name or the type does not exist.
+        Raises DnsTempError when the answer cannot be had now."""
+        try:
+            answer = await self._resolver.resolve(
+                name, rdtype, raise_on_no_answer=False, search=False
+            )
+        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN):
+            return []
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as error:
+            raise DnsTempError(f"{name} {rdtype}: {error.__class__.__name__}") from None
+        except (dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel):
+            return []  # not a name that can exist
+        except dns.exception.DNSException as error:
+            raise DnsTempError(f"{name} {rdtype}: {error.__class__.__name__}") from None
+        return list(answer.rrset or [])
+
+    async def txt(self, name: str) -> list[bytes]:
+        """Each TXT record at `name`, its strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
+        return [b"".join(rdata.strings) for rdata in await self.query(name, "TXT")]  # type: ignore[attr-defined]
+
+
+class ThreadBridge:
+    """Lookups for code running in a worker thread: each call runs the query on `loop` and
+    blocks the thread (never the loop) until it is answered."""
+
+    def __init__(self, resolver: DnsResolver, loop: asyncio.AbstractEventLoop) -> None:
+        self.resolver = resolver
+        self.loop = loop
+
+    def _wait(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+        try:
+            return future.result(self.resolver.timeout + 1)
+        except FutureTimeout:
+            future.cancel()
+            raise DnsTempError("lookup timed out") from None
+
+    def query(self, name: str, rdtype: str) -> list[Rdata]:
+        return self._wait(self.resolver.query(name, rdtype))
+
+    def dkim_txt(self, name: bytes, timeout: float = 5) -> bytes | None:
+        """dkimpy's `dnsfunc`: the first TXT record at `name`, None if there is none."""
+        import dkim  # type: ignore[import-untyped]
+
+        try:
+            result = self._wait(self.resolver.txt(name.decode("ascii", "replace")))
+        except DnsTempError as error:
+            raise dkim.DnsTimeoutError(str(error)) from None
+        return result[0] if result else None
