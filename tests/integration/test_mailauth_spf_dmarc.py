@@ -211,3 +211,14 @@ async def test_dmarc_lookup_failure_is_a_temperror(
         resolver, "dmarc-down.mailauth.test", spf_result("fail", "x.test"), []
     )
     assert result.result == "temperror"
+
+
+async def test_a_helo_that_is_not_a_multi_label_name_is_none_without_a_lookup(
+    resolver: DnsResolver, dns_server: DnsServer
+) -> None:
+    """RFC 7208 §4.3: HELO localhost or an address literal gives "none"."""
+    before = len(dns_server.queries)
+    for helo in ("localhost", "[127.0.0.1]"):
+        result = await spf(resolver, "", helo=helo)
+        assert (result.result, result.scope) == ("none", "helo")
+    assert len(dns_server.queries) == before

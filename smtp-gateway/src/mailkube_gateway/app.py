@@ -27,7 +27,9 @@ from mailkube_core.settings import GatewaySettings, SettingsError
 
 from .gateway import Gateway
 from .listeners import ListenerSpec, listener_specs, serve_listener
-from .ratelimit import Limits
+from .mailauth.stages import build_stages
+from .pipeline import Pipeline
+from .ratelimit import Limits, multiplexed
 from .session import GatewaySMTP
 from .tls import CertificateStore
 
@@ -89,13 +91,14 @@ class GatewayApp:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
         self.specs = listener_specs(settings)
-        self.redis = connect_redis(settings)
+        self.redis = multiplexed(connect_redis(settings))
         store = RoutingStore(self.redis, settings.key_prefix)
         self.routing = RoutingReader(store, settings.routing_check_interval)
         self.certs: CertificateStore | None = None
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             self.certs = CertificateStore(settings.tls_cert_file, settings.tls_key_file)
         self.verifier = PasswordVerifier()
+        stages, self.auth_checks = build_stages(settings, self.routing)
         self.gateway = Gateway(
             settings=settings,
             redis=self.redis,
@@ -104,6 +107,7 @@ class GatewayApp:
             queue=Queue.from_settings(settings, self.redis),
             limits=Limits(self.redis, settings.key_prefix),
             certs=self.certs,
+            pipeline=Pipeline(stages),
         )
         self.servers: list[asyncio.Server] = []
         self.bound: list[tuple[ListenerSpec, asyncio.Server]] = []
@@ -173,6 +177,7 @@ class GatewayApp:
             await self.certs.stop()
         await self.routing.stop()
         self.verifier.close()
+        self.auth_checks.close()
         await self.redis.aclose()
 
 

@@ -64,8 +64,10 @@ def check_spf(bridge: ThreadBridge, client_ip: str, mail_from: str, helo: str) -
         scope, domain = "mailfrom", mail_from.rpartition("@")[2]
     else:
         scope, domain = "helo", helo
-    if not domain:
-        return SpfResult("none", scope, domain, "no domain to check")
+    if "." not in domain.strip(".") or domain.startswith("["):
+        # RFC 7208 §4.3: not a multi-label domain name (e.g. HELO localhost, an address
+        # literal): "none", without a lookup
+        return SpfResult("none", scope, domain.lower(), "not a multi-label domain name")
     _current.bridge = bridge
     try:
         query = spf.query(
