@@ -196,7 +196,9 @@ def test_dev_brings_up_redis_loads_routing_and_stops_on_ctrl_c(tmp_path: Path) -
             assert time.monotonic() < deadline, "".join(lines)
         output = "".join(lines)
         assert f"redis    ready  redis://127.0.0.1:{port}/0" in output
-        assert "routing  routing table version 1: 1 domain(s), 1 user(s)" in output
+        assert "routing  table version 1: 1 domain(s), 1 user(s)" in output
+        assert "dkim     example.test signs with selector dev" in output
+        assert (run_dir / "dkim/example.test.pem").stat().st_mode & 0o077 == 0
         assert "swaks --server 127.0.0.1:2525" in output
         assert (run_dir / "tls/cert.pem").exists()
         assert (run_dir / "redis/appendonlydir").is_dir()
@@ -209,6 +211,10 @@ def test_dev_brings_up_redis_loads_routing_and_stops_on_ctrl_c(tmp_path: Path) -
         )
         assert stats.returncode == 0, stats.stderr
         assert "0 message(s)" in stats.stdout
+        show = subprocess.run(
+            [*MAILKUBE, "routing", "show"], env=env, capture_output=True, text=True, timeout=30
+        )
+        assert "dev/rsa" in show.stdout, show.stdout  # the dev key signs example.test
 
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=30)

@@ -27,11 +27,13 @@ from types import FrameType
 
 import redis
 import yaml
+from pydantic import SecretStr
 
 from ..redis_client import connect_redis
+from ..routing import DkimKey, RoutingStore, RoutingTable
 from ..settings import CommonSettings
-from .devcert import ensure_self_signed
-from .routing_cmd import apply
+from .devcert import ensure_dkim_key, ensure_self_signed
+from .routing_cmd import read_routing_file
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
@@ -137,16 +139,34 @@ class DevStack:
             "tls_cert_file": str(cert),
             "tls_key_file": str(key),
             "mail_root": str(mail),
+            # SPF/DMARC of test senders go to this machine's resolver; without a network
+            # that is a DNS temporary error, which should not stop local tests
+            "dns_temp_error": "accept",
         }
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     async def _apply_routing(self) -> None:
+        table = self._with_dev_dkim_keys(read_routing_file(self.routing_file))
         client = connect_redis(CommonSettings(redis_url=self.redis_url))
         try:
-            print("routing  ", end="", flush=True)
-            await apply(client, "mailkube", self.routing_file)
+            version = await RoutingStore(client, "mailkube").replace(table)
         finally:
             await client.aclose()
+        _say(f"routing  table version {version}: {len(table.domains)} domain(s), "
+             f"{len(table.users)} user(s)")  # fmt: skip
+
+    def _with_dev_dkim_keys(self, table: RoutingTable) -> RoutingTable:
+        """Domains of the dev table without a DKIM key get one (selector "dev", RSA), kept in
+        .run/dkim/ so that signatures stay verifiable across restarts."""
+        domains = []
+        for domain in table.domains:
+            if not domain.dkim:
+                pem = ensure_dkim_key(self.run_dir / "dkim" / f"{domain.name}.pem")
+                key = DkimKey(selector="dev", algorithm="rsa-sha256", private_key=SecretStr(pem))
+                domain = domain.model_copy(update={"dkim": [key]})
+                _say(f"dkim     {domain.name} signs with selector dev (key in {self.run_dir}/dkim)")
+            domains.append(domain)
+        return table.model_copy(update={"domains": domains})
 
     def _start_component(self, component: Component) -> None:
         env = dict(os.environ)
