@@ -82,3 +82,15 @@ clean:
 .PHONY: crds
 crds: setup
 	uv run python -m mailkube_operator.crdgen
+
+# Container images, one per component, built from the repository root with the committed
+# uv.lock: `make images`, or e.g. `make images IMAGE_REGISTRY=registry.example.net/mail`.
+# The tag defaults to the chart's appVersion, the tag the chart's images default to.
+IMAGE_REGISTRY ?= ghcr.io/mailkube
+IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\} *$$/\1/p' charts/mailkube/Chart.yaml)
+
+.PHONY: images
+images:
+	docker build -f smtp-gateway/Dockerfile -t $(IMAGE_REGISTRY)/mailkube-gateway:$(IMAGE_TAG) .
+	docker build -f delivery-worker/Dockerfile -t $(IMAGE_REGISTRY)/mailkube-worker:$(IMAGE_TAG) .
+	docker build -f operator/Dockerfile -t $(IMAGE_REGISTRY)/mailkube-operator:$(IMAGE_TAG) .
