@@ -7,7 +7,9 @@ without records of the type asked (RFC 2308), REFUSED outside its zones. CNAMEs 
 served zones are followed. UDP answers too big for the client's buffer are truncated (TC), so
 resolvers retry over TCP.
 
-Tests can add zones (`add_zone`) and make names fail with SERVFAIL (`servfail`).
+Tests can add zones (`add_zone`) and make names fail with SERVFAIL (`servfail`). A fixed
+`port` (e.g. 53, for programs that use the C library's resolver) can be asked for; by default
+a free one is picked.
 
     server = DnsServer(Path("tests/dns/zones")).start()
     resolver.nameservers, resolver.port = [server.host], server.port
@@ -38,9 +40,13 @@ MAX_CNAME_CHAIN = 8
 
 
 class DnsServer:
-    def __init__(self, zones_dir: Path | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, zones_dir: Path | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
         self.host = host
-        self.port = 0
+        self.port = port
+        #: 0: start() picks a free port (a UDP port whose TCP twin is free too)
+        self._fixed_port = port
         self.zones: dict[dns.name.Name, dns.zone.Zone] = {}
         #: names answered with SERVFAIL, whatever the type (a broken authoritative server)
         self.servfail: set[dns.name.Name] = set()
@@ -175,13 +181,16 @@ class DnsServer:
             daemon_threads = True
             allow_reuse_address = True
 
-        for _ in range(50):  # the UDP port's TCP twin may be taken: pick another pair
-            udp = UdpServer((self.host, 0), Udp)
+        fixed = self._fixed_port != 0
+        for _ in range(1 if fixed else 50):  # the UDP port's TCP twin may be taken: retry
+            udp = UdpServer((self.host, self._fixed_port), Udp)
             port = udp.server_address[1]
             try:
                 tcp = TcpServer((self.host, port), Tcp)
             except OSError:
                 udp.server_close()
+                if fixed:
+                    raise
                 continue
             self.port = port
             self._servers = [udp, tcp]
