@@ -98,7 +98,7 @@ dict "root" $ "config" .Values.gateway.config
 {{/* The Redis password's Secret and key, or nothing when there is no password. */}}
 {{- define "mailkube.redisPasswordSecret" -}}
 {{- if .Values.redis.enabled -}}
-{{ include "mailkube.componentName" (dict "root" . "suffix" "redis") }}
+{{ .Values.redis.existingSecret | default (include "mailkube.componentName" (dict "root" . "suffix" "redis")) }}
 {{- else if .Values.externalRedis.existingSecret -}}
 {{ .Values.externalRedis.existingSecret }}
 {{- end -}}

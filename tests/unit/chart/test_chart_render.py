@@ -329,6 +329,17 @@ def test_redis_is_durable_and_its_password_is_kept_across_upgrades() -> None:
     # generated once: the template reuses the Secret it finds in the cluster
     template = (CHART / "templates" / "redis.yaml").read_text()
     assert 'lookup "v1" "Secret" .Release.Namespace $name' in template
+    # a Secret of one's own (helm template, Argo CD: no lookup, no stable generated password)
+    own = render(base_values(redis={"existingSecret": "my-redis"}))
+    assert f"{FULL}-redis" not in own.names("Secret")
+    redis_env = own.get("StatefulSet", f"{FULL}-redis")["spec"]["template"]["spec"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in redis_env["containers"][0]["env"]} == {
+        "my-redis"
+    }
+    for _, pod in own.pod_specs():
+        for volume in pod.get("volumes", []):
+            if volume["name"] == "redis-password":
+                assert volume["secret"]["secretName"] == "my-redis"
     relaxed = scenario("single-node-rwo").get("ConfigMap", f"{FULL}-redis")["data"]["redis.conf"]
     assert "\nappendfsync everysec\n" in relaxed
 
@@ -591,6 +602,8 @@ def test_operator_rbac_is_namespaced_unless_cluster_wide() -> None:
     operator = namespaced.get("Deployment", f"{FULL}-operator")
     assert operator["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
+    with pytest.raises(helm.HelmError, match=r"serviceAccount\.name is required"):
+        render(base_values(operator={"serviceAccount": {"create": False}}))
     other = render(base_values(operator={"watchNamespace": "mailboxes"}))
     assert other.get("Role", f"{FULL}-operator")["metadata"]["namespace"] == "mailboxes"
 
