@@ -1,4 +1,5 @@
-"""Integration fixtures beyond tests/conftest.py:
+"""Fixtures of the loopback network, for tests/integration and tests/e2e (their conftest.py
+import them):
 
 - dns_server (session)  an authoritative DNS server on 127.0.0.1 (UDP and TCP, a free port)
                         serving tests/dns/zones/*.zone (see tests/dns_server.py)
