@@ -316,6 +316,7 @@ def test_redis_is_durable_and_its_password_is_kept_across_upgrades() -> None:
     assert lines["appendfsync"] == "appendfsync always"
     assert lines["maxmemory-policy"] == "maxmemory-policy noeviction"
     assert lines["dir"] == "dir /data"
+    assert lines["maxmemory"] == "maxmemory 768mb"  # below the container's 1Gi limit
     statefulset = result.get("StatefulSet", f"{FULL}-redis")
     assert statefulset["spec"]["replicas"] == 1
     container = statefulset["spec"]["template"]["spec"]["containers"][0]
