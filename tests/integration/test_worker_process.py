@@ -99,7 +99,15 @@ async def test_worker_process_delivers_and_stops_cleanly_on_sigterm(
     await worker.ready()
     await enqueue(settings, ["alice@example.test"], routing=routing)
     await eventually(lambda: _delivered(tmp_path, 1))
-    metrics = await asyncio.to_thread(_get, worker.port, "/metrics")
+    # the maildir file appears just before the delivery is counted: wait for the count too
+    metrics = ""
+
+    async def counted() -> bool:
+        nonlocal metrics
+        metrics = await asyncio.to_thread(_get, worker.port, "/metrics")
+        return 'outcome="delivered"' in metrics
+
+    await eventually(counted)
     assert worker.stop() == 0
     log = worker.log.read_text()
     assert "'role': 'local'" in log or '"role": "local"' in log
