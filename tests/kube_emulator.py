@@ -7,7 +7,10 @@
   RFC 7386;
 - the status subresource: a write to /status changes only status, a write to the object
   never changes status;
-- garbage collection of dependents (ownerReferences) when an owner is deleted.
+- garbage collection of dependents (ownerReferences) when an owner is deleted;
+- injected API errors (`fail(...)`) that, unlike a kmock reaction (`kmock[...] << 500`, which
+  kmock answers after storing the write anyway), leave the stored state untouched, as a real
+  API server does when it refuses a request.
 
 Also: `mailkube_resources(emulator)` declares what the operator needs, and `KubeClient` is
 the synchronous kubernetes client for tests (run it in a thread: the emulator serves from the
@@ -19,7 +22,9 @@ from __future__ import annotations
 import copy
 import datetime
 import itertools
+import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import attrs
@@ -35,9 +40,62 @@ class PatchTestFailed(k8s.KubernetesError):
     pass
 
 
+@dataclass
+class Fault:
+    """Requests matching every field given are answered `status` instead of being served."""
+
+    status: int
+    action: str | None = None  # FETCH, LIST, WATCH, CREATE, UPDATE, DELETE
+    plural: str | None = None
+    name: str | None = None
+    subresource: str | None = None
+    #: when it answered each request (time.monotonic)
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def hits(self) -> int:
+        return len(self.times)
+
+    def matches(self, request: rendering.Request) -> bool:
+        resource = request.resource
+        return (
+            (self.action is None or (request.action is not None
+                                     and request.action.value == self.action.upper()))
+            and (self.plural is None or (resource is not None and resource.plural == self.plural))
+            and (self.name is None or request.name == self.name)
+            and (self.subresource is None or request.subresource == self.subresource)
+        )  # fmt: skip
+
+
 @attrs.define(kw_only=True)
 class KubeEmulator(kmock.KubernetesEmulator):
+    faults: list[Fault] = attrs.field(factory=list, init=False)
+
+    def fail(
+        self,
+        status: int = 500,
+        *,
+        action: str | None = None,
+        plural: str | None = None,
+        name: str | None = None,
+        subresource: str | None = None,
+    ) -> Fault:
+        """Answer matching requests with `status` (and change nothing) until `heal(fault)`."""
+        fault = Fault(status, action, plural, name, subresource)
+        self.faults.append(fault)
+        return fault
+
+    def heal(self, fault: Fault | None = None) -> None:
+        """Stop injecting `fault` (None: every fault)."""
+        self.faults[:] = [] if fault is None else [f for f in self.faults if f is not fault]
+
     async def _handle(self, request: rendering.Request) -> Any:
+        fault = next((f for f in self.faults if f.matches(request)), None)
+        if fault is not None:
+            fault.times.append(time.monotonic())
+            return await self._render_error(
+                k8s.KubernetesError(fault.status, "InternalError", "injected by the test")
+            )
         if request.resource is not None:
             async with self._lock:
                 try:

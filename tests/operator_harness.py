@@ -4,16 +4,17 @@
 - `Api`: the synchronous kubernetes client, every call in a thread (the emulator serves from
   the test's event loop)
 - `eventually`: poll an assertion until it holds or a deadline passes
+- `events`: (kind/name, type, reason) of the Events posted, to assert on
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from conditions import eventually as poll
 from kubernetes import client
 
 from mailkube_core.redis_client import connect_redis
@@ -28,16 +29,22 @@ T = TypeVar("T")
 
 
 async def eventually(check: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
-    """check() until it stops raising AssertionError (or KeyError); its last error after the
-    deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
+    """check() until it stops raising AssertionError (or KeyError, ...), and its result; after
+    the deadline, check()'s own error. The polling is conditions.eventually's."""
+    results: list[T] = []
+
+    async def probe() -> bool:
         try:
-            return await check()
+            results[:] = [await check()]
         except (AssertionError, KeyError, IndexError, TypeError):
-            if time.monotonic() > deadline:
-                raise
-        await asyncio.sleep(0.05)
+            return False
+        return True
+
+    try:
+        await poll(probe, timeout)
+    except AssertionError:
+        return await check()  # fails with what was wrong at the end
+    return results[0]
 
 
 def operator_settings(redis_url: str, kube_url: str, **overrides: Any) -> OperatorSettings:
@@ -128,9 +135,11 @@ class Api:
             self.custom.get_namespaced_custom_object, GROUP, VERSION, NS, plural, name
         )
 
-    async def create_secret(self, name: str, data: dict[str, str]) -> None:
-        body = {"apiVersion": "v1", "kind": "Secret",
-                "metadata": {"name": name, "namespace": NS}, "stringData": data}  # fmt: skip
+    async def create_secret(
+        self, name: str, data: dict[str, str], labels: dict[str, str] | None = None
+    ) -> None:
+        body = {"apiVersion": "v1", "kind": "Secret", "stringData": data,
+                "metadata": {"name": name, "namespace": NS, "labels": labels or {}}}  # fmt: skip
         await asyncio.to_thread(self.core.create_namespaced_secret, NS, body)
 
     async def patch_secret(self, name: str, data_b64: dict[str, str]) -> None:
@@ -168,3 +177,9 @@ def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:
         if c.get("type") == type_:
             return dict(c)
     raise AssertionError(f"no {type_} condition in {obj.get('status')}")
+
+
+async def events(api: Api, name: str) -> list[tuple[str, str]]:
+    """(type, reason) of the Events about the object `name`, oldest first."""
+    return [(e["type"], e["reason"]) for e in await api.events()
+            if e["involvedObject"]["name"] == name]  # fmt: skip

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import kmock
 import pytest
 from kube_emulator import KubeEmulator, mailkube_resources
-from operator_harness import Api, OperatorRun, condition, eventually, operator_settings
+from operator_harness import Api, OperatorRun, condition, events, eventually, operator_settings
 
 from mailkube_core.routing import verify_password_sync
 
@@ -122,8 +122,10 @@ async def test_conflicts_the_earlier_user_keeps_working(api: Api, operator: Oper
             ready = condition(await api.get("mailusers", name), "Ready")
             assert (ready["status"], ready["reason"]) == ("False", "AddressConflict")
             assert "MailUser mail/alice" in ready["message"]
+            assert ("Warning", "AddressConflict") in await events(api, name)
         snapshot = await operator.table()
         assert [u.address for u in snapshot.table.users] == ["alice@example.test"]
+        assert ("Warning", "AddressConflict") not in await events(api, "alice")
 
     await eventually(conflicts)
     await _ready(api, "alice")
@@ -158,6 +160,8 @@ async def test_domain_not_found_until_the_domain_appears_and_after_it_goes(
     async def found() -> None:
         assert (await operator.table()).user("dave@later.test") is not None
         await _ready(api, "dave")
+        assert await events(api, "dave") == [
+            ("Warning", "DomainNotFound"), ("Normal", "Published")]  # fmt: skip
 
     await eventually(found)
 

@@ -21,6 +21,24 @@ from .state import OperatorState
 log = logging.getLogger(__name__)
 
 
+class _SignalsAreOurs(logging.Filter):
+    """kopf warns that it ignores OS signals in a thread of its own: that is the design here
+    (run_service turns SIGTERM into the stop flag), not something to warn about."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("OS signals are ignored: running not in the")
+
+
+def quiet_kopf() -> None:
+    """kopf logs every handler call at INFO, each line carrying its whole settings object (2 kB
+    in JSON logs, on every watch event): keep its per-object lines to warnings and errors. The
+    reconciler logs what it did."""
+    logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    running = logging.getLogger("kopf._core.reactor.running")
+    if not any(isinstance(f, _SignalsAreOurs) for f in running.filters):
+        running.addFilter(_SignalsAreOurs())
+
+
 def run_operator(
     settings: OperatorSettings,
     *,
@@ -29,6 +47,7 @@ def run_operator(
     state: OperatorState | None = None,
 ) -> None:
     """Run kopf until stop_flag is set (blocks; meant for a thread of its own)."""
+    quiet_kopf()
     state = state or OperatorState(settings)
     kopf.run(
         registry=build_registry(settings),

@@ -1,8 +1,19 @@
-"""Resolve a MailDomain's DNS records and say which ones are missing or wrong (DNSVerified)."""
+"""The DNS check: resolve each MailDomain's status.dnsRecords and say which ones are missing or
+wrong (DNSVerified).
+
+One task (`check_loop`) checks a domain when its records were never checked, changed since
+(a new domain, a DKIM rotation: the reconciler wakes the task), or were last checked
+`dns_check_interval` ago; a few domains at a time.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import dns.asyncresolver
@@ -10,6 +21,26 @@ import dns.exception
 import dns.resolver
 
 from mailkube_core.settings import OperatorSettings
+
+from .plan import Key
+from .publish import ConditionValue, DnsResult, Reconciler, record_keys
+
+log = logging.getLogger(__name__)
+
+#: domains checked at the same time
+CONCURRENCY = 8
+
+#: TXT records of which a name must hold only one (RFC 7208 §4.5, RFC 7489 §6.6.3)
+_SINGLE = {"spf": ("v=spf1", "SPF"), "dmarc": ("v=DMARC1", "DMARC")}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A record not published as listed. `definite` is False when the lookup failed (a
+    timeout, SERVFAIL): then nobody knows yet."""
+
+    message: str
+    definite: bool = True
 
 
 def resolver(settings: OperatorSettings) -> dns.asyncresolver.Resolver:
@@ -23,16 +54,16 @@ def resolver(settings: OperatorSettings) -> dns.asyncresolver.Resolver:
     return res
 
 
-async def _found(res: dns.asyncresolver.Resolver, rtype: str, name: str) -> list[str] | str:
+async def _found(res: dns.asyncresolver.Resolver, rtype: str, name: str) -> list[str] | Finding:
     """The values published at name (MX: 'pref host.'; TXT: the strings joined), or why not."""
     try:
         answer = await res.resolve(name, rtype)
     except dns.resolver.NXDOMAIN:
-        return "does not exist"
+        return Finding(f"{rtype} {name} does not exist")
     except dns.resolver.NoAnswer:
-        return f"has no {rtype} record"
+        return Finding(f"{rtype} {name} has no {rtype} record")
     except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
-        return f"could not be resolved ({type(exc).__name__})"
+        return Finding(f"{rtype} {name} could not be resolved ({type(exc).__name__})", False)
     values: list[str] = []
     for rdata in answer:
         if rtype == "MX":
@@ -42,15 +73,77 @@ async def _found(res: dns.asyncresolver.Resolver, rtype: str, name: str) -> list
     return values
 
 
-async def check(res: dns.asyncresolver.Resolver, records: Iterable[dict[str, Any]]) -> list[str]:
-    """One line per record not published as listed; empty when all are."""
-    problems: list[str] = []
+async def check(
+    res: dns.asyncresolver.Resolver, records: Iterable[dict[str, Any]]
+) -> list[Finding]:
+    """One finding per record not published as listed; empty when all are."""
+    findings: list[Finding] = []
     for record in records:
         rtype, name, value = record["type"], record["name"], record["value"]
         found = await _found(res, rtype, name)
-        if isinstance(found, str):
-            problems.append(f"{rtype} {name} {found}")
+        if isinstance(found, Finding):
+            findings.append(found)
         elif (value.lower() if rtype == "MX" else value) not in found:
             shown = ", ".join(repr(v) for v in found) or "nothing"
-            problems.append(f"{rtype} {name}: expected {value!r}, found {shown}")
-    return problems
+            findings.append(Finding(f"{rtype} {name}: expected {value!r}, found {shown}"))
+        elif record.get("purpose") in _SINGLE:
+            prefix, what = _SINGLE[record["purpose"]]
+            same = [v for v in found if v.lower().startswith(prefix.lower())]
+            if len(same) > 1:
+                findings.append(Finding(
+                    f"{rtype} {name}: {len(same)} {what} records, there must be only one"
+                ))  # fmt: skip
+    return findings
+
+
+def verdict(findings: list[Finding], count: int) -> ConditionValue:
+    """DNSVerified from the findings: False when a record is surely missing or wrong, Unknown
+    when only lookups failed, True when all `count` records are published."""
+    if any(f.definite for f in findings):
+        return ConditionValue("False", "RecordsMismatch", "; ".join(f.message for f in findings))
+    if findings:
+        return ConditionValue("Unknown", "LookupFailed", "; ".join(f.message for f in findings))
+    return ConditionValue("True", "Verified", f"all {count} records are published")
+
+
+async def check_loop(reconciler: Reconciler, settings: OperatorSettings) -> None:
+    """Keep reconciler.dns_results current for reconciler.dns_wanted (runs until cancelled)."""
+    interval = settings.dns_check_interval.total_seconds()
+    limit = asyncio.Semaphore(CONCURRENCY)
+
+    async def one(key: Key, records: list[dict[str, Any]]) -> bool:
+        async with limit:
+            try:
+                findings = await check(resolver(settings), records)
+            except Exception as exc:  # e.g. no resolver configuration at all
+                log.warning("DNS check of %s/%s failed: %r", *key, exc)
+                findings = [Finding(f"the DNS check failed ({type(exc).__name__})", False)]
+        result = DnsResult(record_keys(records), verdict(findings, len(records)), time.monotonic())
+        previous = reconciler.dns_results.get(key)
+        reconciler.dns_results[key] = result
+        return previous != result
+
+    while True:
+        reconciler.dns_wake.clear()
+        now = time.monotonic()
+        due: list[tuple[Key, list[dict[str, Any]]]] = []
+        next_at: float | None = None
+        for key, records in list(reconciler.dns_wanted.items()):
+            previous = reconciler.dns_results.get(key)
+            if (
+                previous is None
+                or previous.records != record_keys(records)
+                or now - previous.checked_at >= interval
+            ):
+                due.append((key, records))
+            else:
+                at = previous.checked_at + interval
+                next_at = at if next_at is None else min(next_at, at)
+        if due:
+            if any(await asyncio.gather(*(one(key, records) for key, records in due))):
+                await reconciler.request()
+            continue
+        timeout = None if next_at is None else max(0.0, next_at - now)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await reconciler.dns_wake.wait()

@@ -65,6 +65,7 @@ class ObjectRecord:
     name: str
     uid: str
     created: str
+    resource_version: str
     generation: int | None
     deleting: bool
     spec: dict[str, Any]
@@ -80,6 +81,7 @@ class ObjectRecord:
             name=str(meta.get("name") or ""),
             uid=str(meta.get("uid") or ""),
             created=str(meta.get("creationTimestamp") or ""),
+            resource_version=str(meta.get("resourceVersion") or ""),
             generation=meta.get("generation"),
             deleting=bool(meta.get("deletionTimestamp")),
             spec=plain(body.get("spec") or {}),
@@ -95,11 +97,13 @@ class ObjectRecord:
         return (self.created, self.namespace, self.name)
 
     def reference(self) -> dict[str, Any]:
-        """A body for kopf.event(): enough to name the object."""
+        """The object as an Event's involvedObject."""
         return {
             "apiVersion": self.api_version,
             "kind": self.kind,
-            "metadata": {"namespace": self.namespace, "name": self.name, "uid": self.uid},
+            "namespace": self.namespace,
+            "name": self.name,
+            "uid": self.uid,
         }
 
     def __str__(self) -> str:

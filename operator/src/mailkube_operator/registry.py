@@ -1,5 +1,5 @@
-"""All handlers in one kopf registry, built for a given settings object (intervals and
-switches come from the settings, so each operator run has its own registry)."""
+"""All handlers in one kopf registry, built for a given settings object (so each operator
+run has its own registry)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import kopf
 
 from mailkube_core.settings import OperatorSettings
 
-from .handlers import dnscheck, domains, lifecycle, secrets, users
+from .handlers import domains, lifecycle, secrets, users
 
 
 def build_registry(settings: OperatorSettings) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     for module in (lifecycle, domains, users, secrets):
         module.register(registry, settings)
-    if settings.dns_check_interval:
-        dnscheck.register(registry, settings)
     return registry

@@ -21,6 +21,8 @@ class OperatorState:
     redis: RedisClient | None = None
     reconciler: Reconciler | None = None
     initial_publish: asyncio.Task[None] | None = None
+    redis_check: asyncio.Task[None] | None = None
+    dns_check: asyncio.Task[None] | None = None
 
 
 def state_of(memo: Any) -> OperatorState:

@@ -1,10 +1,13 @@
-"""Operator start and stop: kopf settings, login, Redis, the reconciler, the first publish."""
+"""Operator start and stop: kopf settings, login, Redis, the reconciler, the first publish,
+the Redis check (`Reconciler.check_redis`, every REDIS_CHECK_INTERVAL or retry_delay if that
+is shorter) and the DNS check (dnscheck.check_loop)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from typing import Any
 
 import kopf
@@ -13,12 +16,17 @@ from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import RoutingStore
 from mailkube_core.settings import OperatorSettings
 
+from .. import dnscheck
 from ..kube import Kube, KubeError, configuration_from
 from ..models import DOMAINS, GROUP, USERS
 from ..publish import Indexes, Reconciler
 from ..state import OperatorState, state_of
 
 log = logging.getLogger(__name__)
+
+REDIS_CHECK_INTERVAL = timedelta(seconds=5)
+#: Redis calls that hang (a node gone without a reset) fail after this many seconds
+REDIS_TIMEOUT = 10.0
 
 
 def connection_info(
@@ -43,10 +51,12 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **kwa
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=GROUP, key="last-handled-configuration"
     )
-    settings.posting.level = logging.WARNING  # our own Normal events go through kopf.event
+    settings.posting.level = logging.WARNING  # kopf's warnings become Events; ours: Reconciler
     settings.scanning.disabled = not ours.cluster_wide
     state.connection = connection_info(ours, settings, logger)
-    state.redis = connect_redis(ours)
+    state.redis = connect_redis(
+        ours, socket_connect_timeout=REDIS_TIMEOUT, socket_timeout=REDIS_TIMEOUT
+    )
     reconciler = Reconciler(
         settings=ours,
         store=RoutingStore(state.redis, ours.key_prefix),
@@ -55,6 +65,23 @@ async def startup(settings: kopf.OperatorSettings, memo: Any, logger: Any, **kwa
     reconciler.indexes = Indexes.from_kwargs(kwargs)
     state.reconciler = reconciler
     state.initial_publish = asyncio.create_task(_initial_publish(state), name="initial-publish")
+    state.redis_check = asyncio.create_task(_check_redis(state), name="redis-check")
+    if ours.dns_check_interval:
+        state.dns_check = asyncio.create_task(
+            dnscheck.check_loop(reconciler, ours), name="dns-check"
+        )
+
+
+async def _check_redis(state: OperatorState) -> None:
+    reconciler = state.reconciler
+    assert reconciler is not None
+    interval = min(REDIS_CHECK_INTERVAL, state.settings.retry_delay).total_seconds()
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await reconciler.check_redis()
+        except Exception:  # a bug: say so, keep checking
+            log.exception("the Redis check failed")
 
 
 async def _initial_publish(state: OperatorState) -> None:
@@ -84,10 +111,11 @@ def login(memo: Any, **_: Any) -> kopf.ConnectionInfo | None:
 
 async def cleanup(memo: Any, **_: Any) -> None:
     state = state_of(memo)
-    if state.initial_publish is not None:
-        state.initial_publish.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await state.initial_publish
+    for task in (state.initial_publish, state.redis_check, state.dns_check):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     if state.reconciler is not None:
         await state.reconciler.close()
         state.reconciler.kube.close()

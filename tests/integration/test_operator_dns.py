@@ -1,0 +1,202 @@
+"""The DNS check (DNSVerified) against the loopback DNS server: the records a MailDomain's status
+lists, published in a zone made from that status at runtime (the DKIM key is the operator's),
+then missing, wrong, duplicated, or not resolvable."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import dns.name
+import kmock
+import pytest
+from dns_server import DnsServer
+from kube_emulator import KubeEmulator, mailkube_resources
+from operator_harness import Api, OperatorRun, condition, events, eventually, operator_settings
+
+from mailkube_core.settings import OperatorSettings
+from mailkube_operator import dkim, dnscheck
+
+pytestmark = pytest.mark.kmock(cls=KubeEmulator)
+
+
+def settings_for(dns_server: DnsServer, redis_url: str, kube_url: str) -> OperatorSettings:
+    return operator_settings(
+        redis_url, kube_url,
+        dns_check_interval="1s", dns_nameservers=[dns_server.host], dns_port=dns_server.port,
+        dns_timeout="2s",
+    )  # fmt: skip
+
+
+def zone(origin: str, records: list[dict[str, Any]], *, drop: str = "",
+         replace: dict[str, str] | None = None, extra: str = "") -> str:  # fmt: skip
+    """Zone-file text publishing `records` (as status.dnsRecords lists them), except the one
+    whose purpose is `drop`, with values of `replace` (purpose -> value)."""
+    lines = [f"@ 300 IN SOA ns.{origin} hostmaster.{origin} 1 3600 600 86400 60"]
+    for record in records:
+        if record["purpose"] == drop:
+            continue
+        value = (replace or {}).get(record["purpose"], record["value"])
+        if record["type"] == "MX":
+            lines.append(f"{record['name']} 300 IN MX {value}")
+        else:  # TXT: quoted, in strings of at most 255 characters (a 2048-bit DKIM key needs 2)
+            chunks = [value[i : i + 255] for i in range(0, len(value), 255)]
+            lines.append(f"{record['name']} 300 IN TXT " + " ".join(f'"{c}"' for c in chunks))
+    return "\n".join([*lines, extra, ""])
+
+
+@pytest.fixture
+async def api(kmock: kmock.KubernetesEmulator) -> AsyncIterator[Api]:
+    mailkube_resources(kmock)
+    client = Api(str(kmock.url))
+    yield client
+    client.close()
+
+
+async def test_dns_verified_then_a_missing_and_a_wrong_record_are_named(
+    kmock: kmock.KubernetesEmulator, api: Api, redis_url: str, dns_server: DnsServer
+) -> None:
+    run = OperatorRun(settings_for(dns_server, redis_url, str(kmock.url)))
+    await run.start()
+    try:
+        spec = {"domain": "verified.test", "dkim": {"selector": "k1", "algorithm": "both"}}
+        await api.apply("maildomains", "verified", spec)
+
+        async def records() -> list[dict[str, Any]]:
+            obj = await api.get("maildomains", "verified")
+            listed = obj["status"]["dnsRecords"]
+            assert sorted(r["purpose"] for r in listed) == ["dkim", "dkim", "dmarc", "mx", "spf"]
+            # the server does not serve the zone yet (REFUSED): nobody knows
+            unknown = condition(obj, "DNSVerified")
+            assert (unknown["status"], unknown["reason"]) == ("Unknown", "LookupFailed"), unknown
+            assert "MX verified.test. could not be resolved" in unknown["message"]
+            return list(listed)
+
+        listed = await eventually(records)
+        dns_server.add_zone("verified.test.", zone("verified.test.", listed))
+
+        async def verified() -> None:
+            ok = condition(await api.get("maildomains", "verified"), "DNSVerified")
+            assert (ok["status"], ok["reason"]) == ("True", "Verified"), ok
+            assert ok["message"] == "all 5 records are published"
+            assert ("Normal", "Verified") in await events(api, "verified")
+
+        await eventually(verified)
+
+        # the DMARC record goes, the SPF record is changed
+        dns_server.add_zone("verified.test.", zone(
+            "verified.test.", listed, drop="dmarc", replace={"spf": "v=spf1 -all"}))  # fmt: skip
+
+        async def mismatch() -> None:
+            obj = await api.get("maildomains", "verified")
+            bad = condition(obj, "DNSVerified")
+            assert (bad["status"], bad["reason"]) == ("False", "RecordsMismatch"), bad
+            assert "TXT _dmarc.verified.test. does not exist" in bad["message"]
+            assert (
+                "TXT verified.test.: expected 'v=spf1 mx -all', found 'v=spf1 -all'"
+                in bad["message"]
+            )
+            assert "_domainkey" not in bad["message"]  # the DKIM records are still right
+            assert condition(obj, "Ready")["status"] == "True"  # DNS does not make it unready
+            assert ("Warning", "RecordsMismatch") in await events(api, "verified")
+
+        await eventually(mismatch)
+    finally:
+        await run.stop()
+
+
+async def test_changed_records_are_checked_at_once(
+    kmock: kmock.KubernetesEmulator, api: Api, redis_url: str, dns_server: DnsServer
+) -> None:
+    """A new DKIM record is not 'verified' by an earlier check: records are checked as soon as
+    they are listed or change, not only every dns_check_interval (an hour here). The DKIM key
+    is one the owner made (an existing Secret is used, never overwritten), so the zone can be
+    published before the MailDomain exists."""
+    seed = dkim.generate("ed25519-sha256")
+    await api.create_secret(
+        "rotating-dkim", {"old.ed25519-sha256": seed}, labels={dkim.DKIM_LABEL: "rotating"}
+    )
+    published = [
+        {"type": "MX", "name": "rotating.test.", "value": "10 mx.example.test.", "purpose": "mx"},
+        {"type": "TXT", "name": "rotating.test.", "value": "v=spf1 mx -all", "purpose": "spf"},
+        {"type": "TXT", "name": "old._domainkey.rotating.test.", "purpose": "dkim",
+         "value": dkim.public_record("ed25519-sha256", seed)},
+        {"type": "TXT", "name": "_dmarc.rotating.test.", "purpose": "dmarc",
+         "value": "v=DMARC1; p=quarantine; rua=mailto:postmaster@rotating.test"},
+    ]  # fmt: skip
+    dns_server.add_zone("rotating.test.", zone("rotating.test.", published))
+    hourly = OperatorSettings.model_validate({"dns_check_interval": "1h"}).dns_check_interval
+    settings = settings_for(dns_server, redis_url, str(kmock.url))
+    run = OperatorRun(settings.model_copy(update={"dns_check_interval": hourly}))
+    await run.start()
+    try:
+        spec = {"domain": "rotating.test", "dkim": {"selector": "old", "algorithm": "ed25519"}}
+        await api.apply("maildomains", "rotating", spec)
+        await eventually(lambda: _dns_verified(api, "rotating", "True"))
+        secret = await api.secret("rotating-dkim")
+        assert secret is not None
+        assert dkim.decode_data(secret["data"]) == {"old.ed25519-sha256": seed}
+
+        await api.patch("maildomains", "rotating", {"spec": {"dkim": {"selector": "new"}}})
+
+        async def new_record_missing() -> None:
+            obj = await api.get("maildomains", "rotating")
+            assert len([r for r in obj["status"]["dnsRecords"] if r["purpose"] == "dkim"]) == 2
+            bad = condition(obj, "DNSVerified")
+            assert (bad["status"], bad["reason"]) == ("False", "RecordsMismatch"), bad
+            assert bad["message"].startswith("TXT new._domainkey.rotating.test. does not exist")
+
+        await eventually(new_record_missing)
+    finally:
+        await run.stop()
+
+
+async def _dns_verified(api: Api, name: str, status: str) -> None:
+    assert condition(await api.get("maildomains", name), "DNSVerified")["status"] == status
+
+
+async def test_check_against_the_server(dns_server: DnsServer) -> None:
+    """dnscheck.check on its own: each kind of finding, and lookups that fail are not
+    mismatches."""
+    dns_server.add_zone("findings.test.", """
+@ 300 IN SOA ns.findings.test. hostmaster.findings.test. 1 3600 600 86400 60
+@ 300 IN MX 10 MX.Example.Test.
+@ 300 IN TXT "v=spf1 mx -all"
+@ 300 IN TXT "v=spf1 a -all"
+@ 300 IN TXT "site-verification=abc"
+_dmarc 300 IN TXT "v=DMARC1; p=none"
+sel._domainkey 300 IN TXT "v=DKIM1; k=ed25519; " "p=abc"
+""")  # fmt: skip
+    dns_server.fail("broken.findings.test.")
+    res = dnscheck.resolver(OperatorSettings.model_validate({
+        "dns_nameservers": [dns_server.host], "dns_port": dns_server.port,
+        "dns_timeout": "2s"}))  # fmt: skip
+
+    def txt(name: str, value: str, purpose: str = "dkim") -> dict[str, str]:
+        return {"type": "TXT", "name": name, "value": value, "purpose": purpose}
+
+    try:
+        findings = await dnscheck.check(res, [
+            {"type": "MX", "name": "findings.test.", "value": "10 mx.example.test.",
+             "purpose": "mx"},
+            txt("sel._domainkey.findings.test.", "v=DKIM1; k=ed25519; p=abc"),
+            txt("findings.test.", "v=spf1 mx -all", "spf"),
+            txt("_dmarc.findings.test.", "v=DMARC1; p=quarantine", "dmarc"),
+            txt("gone._domainkey.findings.test.", "v=DKIM1; p=x"),
+            {"type": "MX", "name": "_dmarc.findings.test.", "value": "10 x.", "purpose": "mx"},
+            txt("broken.findings.test.", "v=DKIM1; p=y"),
+        ])  # fmt: skip
+    finally:
+        dns_server.servfail.discard(dns.name.from_text("broken.findings.test."))
+    assert [(f.message, f.definite) for f in findings] == [
+        ("TXT findings.test.: 2 SPF records, there must be only one", True),
+        ("TXT _dmarc.findings.test.: expected 'v=DMARC1; p=quarantine', "
+         "found 'v=DMARC1; p=none'", True),
+        ("TXT gone._domainkey.findings.test. does not exist", True),
+        ("MX _dmarc.findings.test. has no MX record", True),
+        ("TXT broken.findings.test. could not be resolved (NoNameservers)", False),
+    ]  # fmt: skip
+    assert dnscheck.verdict(findings, 7).status == "False"
+    lookup_only = dnscheck.verdict(findings[-1:], 7)
+    assert (lookup_only.status, lookup_only.reason) == ("Unknown", "LookupFailed")
+    assert dnscheck.verdict([], 7).message == "all 7 records are published"
