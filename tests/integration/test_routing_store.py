@@ -272,3 +272,28 @@ async def _subscribed(store: RoutingStore, count: int) -> bool:
     """The readers' pub/sub subscriptions are in place (so a PUBLISH now reaches them)."""
     numsub = await store.redis.pubsub_numsub(store.channel)
     return int(numsub[0][1]) == count
+
+
+async def test_a_table_lost_from_redis_is_not_replaced_by_an_empty_one(
+    store: RoutingStore, readers: list[RoutingReader], redis: Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """Redis lost its data: the reader keeps serving the last table (an empty one would refuse
+    every local address with 550) and takes the next one published, even at version 1."""
+    await store.replace(make_table("kept.test", users=("ann@kept.test",)))
+    reader = await start_reader(store, readers, timedelta(milliseconds=100))
+    await redis.flushdb()
+    await eventually(lambda: _logged(caplog, "routing table missing in Redis"))
+    assert reader.snapshot.resolve("ann@kept.test") is not None
+    version = await store.replace(make_table("new.test"))
+    assert version == 1  # the version counter started again
+    await eventually(lambda: _is_local(reader, "new.test"))
+    assert not reader.snapshot.is_local_domain("kept.test")
+
+
+async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return any(text in record.getMessage() for record in caplog.records)
+
+
+async def _is_local(reader: RoutingReader, domain: str) -> bool:
+    return reader.snapshot.is_local_domain(domain)

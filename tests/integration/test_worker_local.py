@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ import pytest
 from conditions import eventually
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from redis_servers import RedisServer
 from worker_harness import (
     apply_routing,
     enqueue,
@@ -275,3 +277,29 @@ async def test_delivery_continues_the_smtp_sessions_trace(
     assert f"{span.parent.span_id:016x}" == parent
     assert span.attributes is not None
     assert span.attributes["mailkube.outcome"] == "done"
+
+
+async def test_a_worker_started_before_redis_waits_for_it(
+    private_redis: RedisServer, tmp_path: Path, telemetry: Telemetry,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """On a fresh install the workers may start before Redis: they retry, not exit."""
+    settings = worker_settings(private_redis.url, tmp_path / "mail")
+    private_redis.kill()
+
+    async def retrying() -> bool:
+        return any("routing table not loaded yet" in r.getMessage() for r in caplog.records)
+
+    async with asyncio.timeout(60):
+        started = asyncio.create_task(_run_until_ready(settings, telemetry))
+        await eventually(retrying)
+        private_redis.restart()
+        await started
+
+
+async def _run_until_ready(settings: Any, telemetry: Telemetry) -> None:
+    async with running_worker(settings, telemetry):
+        routing = await apply_routing(settings, table(ALICE))
+        await enqueue(settings, ["alice@example.test"], routing=routing)
+        await eventually(lambda: queue_empty(settings))
+    assert len(maildir_files(settings.mail_root, "alice@example.test")) == 1

@@ -47,8 +47,13 @@ async def serve(settings: WorkerSettings, service: Service) -> None:
     remote: RemoteDelivery | None = None
     # maildir writes and fsyncs block: one thread per delivery that may be in flight
     executor = ThreadPoolExecutor(settings.queue_workers, thread_name_prefix="maildir")
+    # not ready (no traffic, no rollout progress) until the routing table is loaded
+    loaded = asyncio.Event()
+    service.health.add_readiness_check("routing", loaded.is_set)
     try:
-        await routing.start()
+        if not await routing.start_when_available(service.stopping):
+            return
+        loaded.set()
 
         def snapshot() -> RoutingSnapshot:
             return routing.snapshot

@@ -38,22 +38,6 @@ log = logging.getLogger(__name__)
 CHILD_ENV = "MAILKUBE_GATEWAY_CHILD"
 
 
-async def _load_routing(routing: RoutingReader, stopping: asyncio.Event) -> bool:
-    """Retry until the table loads (Redis may start after us); False if stopped first."""
-    delay = 0.1
-    while not stopping.is_set():
-        try:
-            await routing.start()
-            return True
-        except Exception as error:
-            log.warning("routing table not loaded yet; retrying", extra={"error": repr(error)})
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await stopping.wait()
-        delay = min(delay * 2, 5.0)
-    return False
-
-
 def _redis_check(redis: RedisClient) -> Callable[[], Awaitable[bool]]:
     async def ping() -> bool:
         return bool(await redis.ping())
@@ -119,7 +103,7 @@ class GatewayApp:
     async def start(self, stopping: asyncio.Event | None = None) -> bool:
         """Load the routing table (waiting for Redis), then open the listeners. False if
         `stopping` was set first."""
-        if not await _load_routing(self.routing, stopping or asyncio.Event()):
+        if not await self.routing.start_when_available(stopping or asyncio.Event()):
             return False
         if self.certs is not None:
             self.certs.start(self.settings.tls_check_interval)

@@ -82,11 +82,29 @@ class RoutingReader:
         self.snapshot = RoutingSnapshot.empty()
         self._changed = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
+        #: the table vanished from Redis and the last one is kept (see _reload)
+        self._table_lost = False
 
     async def start(self) -> None:
         """Load the current table (raises if Redis is unreachable), then follow changes."""
         await self._reload()
         self._task = asyncio.create_task(self._follow(), name="routing-reader")
+
+    async def start_when_available(self, stopping: asyncio.Event) -> bool:
+        """start(), retried with backoff until Redis answers (it may start after us, e.g. on
+        a fresh install); False if `stopping` was set first."""
+        delay = 0.1
+        while not stopping.is_set():
+            try:
+                await self.start()
+                return True
+            except Exception as error:
+                log.warning("routing table not loaded yet; retrying", extra={"error": repr(error)})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await stopping.wait()
+            delay = min(delay * 2, 5.0)
+        return False
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -107,7 +125,18 @@ class RoutingReader:
 
     async def _reload(self) -> None:
         snapshot = await self.store.load()
-        if snapshot.version != self.snapshot.version:
+        if snapshot.version == 0 and self.snapshot.version > 0:
+            # The table is gone from Redis (data lost, FLUSHALL): an empty table would refuse
+            # all local mail as unknown users (550), so keep the last one until the operator
+            # (or `mailkube routing apply`) publishes again.
+            if not self._table_lost:
+                log.warning("routing table missing in Redis; keeping the last one",
+                            extra={"version": self.snapshot.version})  # fmt: skip
+            self._table_lost = True
+            return
+        # once lost, the versions start again at 1: take whatever is published next
+        if snapshot.version != self.snapshot.version or self._table_lost:
+            self._table_lost = False
             self.snapshot = snapshot
             table = snapshot.table
             log.info(
@@ -131,7 +160,8 @@ class RoutingReader:
                             timeout=self.check_interval.total_seconds(),
                         )
                         # on a notification or after check_interval of silence alike
-                        if await self.store.version() != self.snapshot.version:
+                        if (await self.store.version() != self.snapshot.version
+                                or self._table_lost):  # fmt: skip
                             await self._reload()
             except asyncio.CancelledError:
                 raise
