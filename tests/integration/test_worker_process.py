@@ -117,6 +117,12 @@ async def test_worker_process_delivers_and_stops_cleanly_on_sigterm(
     assert 'lane="local"' in line
     assert 'outcome="delivered"' in line
     assert line.endswith(" 1.0")
+    # the bounce rate of our own sender domain, by outcome (issue: exported as metrics)
+    (line,) = [x for x in metrics.splitlines()
+               if x.startswith("mailkube_worker_sender_outcomes_total{")]  # fmt: skip
+    assert 'outcome="delivered"' in line
+    assert 'sender_domain="other"' in line  # bob@remote.test is not one of ours
+    assert line.endswith(" 1.0")
 
 
 async def _delivered(tmp_path: Path, count: int) -> bool:

@@ -61,7 +61,10 @@ async def serve(settings: WorkerSettings, service: Service) -> None:
         bouncer = Bouncer(settings, snapshot)
         queue = Queue.from_settings(settings, redis, on_failure=bouncer.on_failure)
         bouncer.attach(queue)
-        counters = Counters(redis, settings.key_prefix, settings.events_max_length)
+        counters = Counters(
+            redis, settings.key_prefix, settings.events_max_length,
+            is_ours=lambda domain: routing.snapshot.is_local_domain(domain),
+        )  # fmt: skip
         local = None
         if "local" in lanes:
             settings.mail_root.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -34,6 +35,12 @@ from mailkube_core.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 _meter = metrics.get_meter("mailkube.worker")
+_sender_outcomes = _meter.create_counter(
+    "mailkube.worker.sender_outcomes",
+    unit="{recipient}",
+    description="Recipient outcomes (delivered, deferred, bounced) by sender domain: the "
+    "bounce rate of each of our domains (other senders are counted as sender_domain=other)",
+)
 _recipients = _meter.create_counter(
     "mailkube.worker.recipients",
     unit="{recipient}",
@@ -71,8 +78,11 @@ class Counters:
         prefix: str,
         events_max_length: int = 100000,
         flush_every: float = 0.1,
+        is_ours: Callable[[str], bool] = lambda domain: False,
     ) -> None:
         self.redis = redis
+        #: our own mail domains get their own metric series; other senders share one
+        self.is_ours = is_ours
         self.prefix = prefix
         self.events_max_length = events_max_length
         self.events_key = f"{prefix}:events:message.received"
@@ -106,8 +116,11 @@ class Counters:
     def outcomes(self, lane: str, sender_domain: str, counts: Counter[str]) -> None:
         """Recipients delivered / deferred / bounced in one attempt, by sender domain."""
         day = utcnow().date()
+        # the metric's sender_domain is bounded: ours by name, everyone else as "other"
+        domain_label = sender_domain if sender_domain and self.is_ours(sender_domain) else "other"
         for outcome, n in (+counts).items():
             _recipients.add(n, {"lane": lane, "outcome": outcome})
+            _sender_outcomes.add(n, {"sender_domain": domain_label, "outcome": outcome})
             self._pending.outcomes[(day, sender_domain or "<>", outcome)] += n
 
     async def outcome_stats(self, day: date) -> dict[str, dict[str, int]]:
