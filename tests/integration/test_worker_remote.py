@@ -359,3 +359,18 @@ async def test_mail_from_a_domain_with_its_own_relay_goes_through_it(
         (["dave@mx-pref.test"], "example-relay", True)
     ]
     assert [r.rcpt_tos for r in mx.received] == [["erin@mx-pref.test"]]
+
+
+async def test_a_relay_wanting_auth_we_lack_defers_not_bounces(
+    settings: WorkerSettings, telemetry: Telemetry, mx_farm: MxFarm
+) -> None:
+    """E.g. the relay's credentials Secret is missing, so no AUTH is given: 530 at MAIL."""
+    relay = mx_farm.start("127.0.0.41", Script(mail="530 5.7.0 Authentication required"))
+    via_relay = with_(settings, smart_host={"host": "127.0.0.41", "port": settings.smtp_port,
+                                            "tls": "none"})  # fmt: skip
+    info = await first_attempt(via_relay, telemetry, "x@anywhere.example")
+    assert relay.received == []
+    assert info.results[0].status == "deferred"
+    assert info.results[0].enhanced_code == "4.7.0"
+    assert "530 5.7.0 Authentication required" in info.results[0].diagnostic
+    assert bounces(settings) == []

@@ -173,7 +173,13 @@ class SmtpSession:
             if reply.code != 250:
                 self.transactions += 1
                 await self._reset()
-                return {i: from_reply(reply.code, reply.message, mta) for i, _ in recipients}
+                code, text = reply.code, reply.message
+                if code == 530:
+                    # RFC 4954 §6 "authentication required": a relay whose credentials we
+                    # lack (e.g. its Secret is missing). Our configuration, not the mail:
+                    # retry once it is fixed, never bounce (cf. Postfix's soft bounce).
+                    code, text = 451, f"4.7.0 relay wants AUTH we could not give: 530 {text}"
+                return {i: from_reply(code, text, mta) for i, _ in recipients}
             results: dict[int, RecipientResult] = {}
             accepted: list[int] = []
             for index, recipient in recipients:
