@@ -196,16 +196,15 @@ class Policy:
             key = address
         if key in txn.seen:  # the same mailbox twice: one copy is enough
             return replies.RECIPIENT_OK
-        limits = self.gateway.limits
+        quota = user.quota if user is not None else None
         try:
-            quota = user.quota if user is not None else None
-            if quota is not None and await limits.mailbox_bytes(key) >= quota:
-                return replies.OVER_QUOTA
-            allowed = await limits.allow_message(
-                "rcpt", key, self.settings.max_recipient_messages_per_minute
+            allowed, under_quota = await self.gateway.limits.admit_recipient(
+                key, self.settings.max_recipient_messages_per_minute, quota
             )
         except REDIS_ERRORS:
             return replies.TEMP_FAILURE
+        if not under_quota:
+            return replies.OVER_QUOTA
         if not allowed:
             return replies.RECIPIENT_RATE
         txn.seen.add(key)
