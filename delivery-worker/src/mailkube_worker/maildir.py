@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -64,6 +65,46 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _DirSync:
+    """Group commit of one directory's fsync: a directory fsync makes durable every rename
+    into it that came before the fsync started, so deliveries renaming into the same new/ at
+    the same time share one fsync instead of queueing for one each (the filesystem serializes
+    them anyway)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # guards the counters
+        self.syncing = threading.Lock()  # one fsync of this directory at a time
+        self.requested = 0  # renames that asked for durability
+        self.synced = 0  # renames known durable
+
+    def sync(self, path: Path) -> None:
+        with self.lock:
+            self.requested += 1
+            mine = self.requested
+        with self.syncing:
+            if self.synced >= mine:
+                return  # an fsync that started after our rename has finished
+            with self.lock:
+                covered = self.requested  # every rename so far precedes this fsync
+            _fsync_dir(path)
+            self.synced = covered
+
+
+_dir_syncs: dict[Path, _DirSync] = {}
+_dir_syncs_lock = threading.Lock()
+
+
+def fsync_after_rename(directory: Path) -> None:
+    """`directory` fsynced after a rename into it, shared with concurrent callers."""
+    with _dir_syncs_lock:
+        sync = _dir_syncs.get(directory)
+        if sync is None:
+            if len(_dir_syncs) > 10_000:  # a bound, not a cache policy: mailboxes are many
+                _dir_syncs.clear()
+            sync = _dir_syncs[directory] = _DirSync()
+    sync.sync(directory)
+
+
 def _exists(box: Path, name: str) -> bool:
     if (box / "new" / name).exists():
         return True
@@ -108,5 +149,5 @@ def store(box: Path, name: str, content: bytes, *, check_existing: bool) -> Stor
     finally:
         os.close(fd)
     os.rename(temporary, final)
-    _fsync_dir(final.parent)
+    fsync_after_rename(final.parent)
     return Stored(final, len(content), duplicate=False)

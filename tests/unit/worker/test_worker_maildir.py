@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
+
+import pytest
 
 from mailkube_worker import maildir
 
@@ -73,3 +76,42 @@ def test_concurrent_first_deliveries_to_a_new_mailbox_all_land(tmp_path: Path) -
         with ThreadPoolExecutor(8) as pool:
             assert all(pool.map(deliver, range(8)))
         assert len(list((box / "new").iterdir())) == 8
+
+
+def test_concurrent_renames_share_directory_fsyncs_and_each_is_covered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: a caller returns only after an fsync that began after its rename."""
+    renamed: list[int] = []
+    covered: set[int] = set()
+    fsyncs = 0
+    guard = threading.Lock()
+
+    def slow_fsync(path: Path) -> None:
+        nonlocal fsyncs
+        with guard:
+            before = set(renamed)  # what this fsync makes durable
+            fsyncs += 1
+        time.sleep(0.01)  # the disk's latency
+        with guard:
+            covered.update(before)
+
+    monkeypatch.setattr(maildir, "_fsync_dir", slow_fsync)
+    sync = maildir._DirSync()
+    problems: list[int] = []
+
+    def deliver(number: int) -> None:
+        with guard:
+            renamed.append(number)
+        sync.sync(tmp_path)
+        with guard:
+            if number not in covered:
+                problems.append(number)
+
+    threads = [threading.Thread(target=deliver, args=(n,)) for n in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert problems == []
+    assert fsyncs < 32  # shared
