@@ -9,8 +9,15 @@ aiosmtpd is kept for what it does well. What is replaced, and why:
   AUTH        PLAIN and LOGIN verified off the event loop, throttled in Redis
   replies     an enhanced status code on every one (RFC 2034), errors counted (421 past
               max_errors), unknown and HTTP commands handled, a write timeout
+  the loop    the command loop itself (`_handle_client`): aiosmtpd's, without its per-line
+              logging, with busy tracking for a graceful stop, and one dispatch table per class
 Connection state (client address, leases, trace span) lives on this object, so it survives
 STARTTLS, after which aiosmtpd starts a fresh Session as RFC 3207 §4.2 requires.
+
+A connection costs little before its first command: aiosmtpd's constructor scans the session
+and the handler with `inspect.getmembers` (which also evaluates every property) to build its
+method tables; this class builds its table once and sets aiosmtpd's state itself. The idle
+timer is re-armed by moving a deadline, not by a new timer per command.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiosmtpd.proxy_protocol import ProxyData
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.proxy_protocol import ProxyData, get_proxy
+from aiosmtpd.smtp import ALLOWED_BEFORE_STARTTLS, SMTP, TLSSetupException, login_always_fail
 from opentelemetry import trace
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 
 from . import replies
 from .auth import AuthOutcome, Credentials, MalformedCredentials, decode_plain
@@ -43,12 +51,16 @@ from .relay import PathSyntaxError, is_postmaster, parse_path
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("mailkube.gateway")
+_ids = RandomIdGenerator()
+_SAMPLED = trace.TraceFlags(trace.TraceFlags.SAMPLED)
 
 # RFC 5321 §4.5.3.1.4: 512 octets, plus what each extension adds: SIZE (RFC 1870) 26, BODY
 # 14, SMTPUTF8 10, RET 9, ENVID 107 (RFC 3461 §4), AUTH= 500 (RFC 4954 §5); NOTIFY 28 and
 # ORCPT 500 on RCPT. RFC 4954 §4: AUTH lines up to 12288 octets.
 COMMAND_LIMITS = {"MAIL": 512 + 26 + 14 + 10 + 9 + 107 + 500, "RCPT": 512 + 28 + 500,
                   "AUTH": 12288}  # fmt: skip
+#: a session's command: the unbound method, called with the session and the argument
+Command = Callable[["GatewaySMTP", str | None], Awaitable[None]]
 HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "CONNECT", "PATCH"})
 _ENHANCED = re.compile(r"\d{3}[ -]\d\.\d{1,3}\.\d{1,3}( |$)")
 # what to add to aiosmtpd's own replies that carry no enhanced code (RFC 3463 classes)
@@ -59,7 +71,10 @@ _DEFAULT_ENHANCED = {
     "530": "5.7.0", "535": "5.7.8", "538": "5.7.11", "552": "5.3.4", "553": "5.1.3",
     "554": "5.7.0", "555": "5.5.4",
 }  # fmt: skip
-ALWAYS_ALLOWED = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT", "HELO"})
+#: the greeting's text after the host name
+IDENT = "ESMTP Mailkube"
+#: no aiosmtpd handler hooks: the session does everything itself (PROXY in `_handle_client`)
+_NO_HOOKS: dict[str, Any] = {}
 
 
 def with_enhanced_code(reply: str) -> str:
@@ -92,47 +107,60 @@ def split_path(arg: str) -> tuple[str, str]:
     return arg, ""
 
 
-class _Commands(dict[str, Any]):
-    """aiosmtpd's command table, with every command wrapped (busy tracking for a graceful
-    stop) and unknown ones answered by the session instead of aiosmtpd's bogus counter."""
-
-    def __init__(self, session: GatewaySMTP, methods: dict[str, Any]) -> None:
-        super().__init__({name: session.tracked(method) for name, method in methods.items()})
-        self.session = session
-
-    def get(self, key: str, default: Any = None) -> Any:
-        if key in self:
-            return self[key]
-        if key in HTTP_VERBS:
-            return self.session.tracked(self.session.http_command)
-        return self.session.tracked(self.session.unknown_command)
-
-
 class GatewaySMTP(SMTP):
     line_length_limit = 64 * 1024  # stream buffer; command lengths are checked per command
+
+    #: command name -> method, for every smtp_* method of the class (see _command_table)
+    _commands: dict[str, Command]
 
     def __init__(self, gateway: Gateway, listener: ListenerSpec) -> None:
         settings = gateway.settings
         self.gateway = gateway
         self.listener = listener
         self.policy = Policy(gateway, self)
-        certs = gateway.certs
-        super().__init__(
-            _ProxyHandler(self),
-            data_size_limit=settings.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=settings.hostname,
-            ident="ESMTP Mailkube",
-            tls_context=certs.context if certs is not None else None,
-            require_starttls=listener.require_tls,
-            timeout=settings.read_timeout.total_seconds(),
-            auth_required=listener.auth_required,
-            auth_require_tls=True,
-            loop=asyncio.get_running_loop(),
+        loop = asyncio.get_running_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self,
+            asyncio.StreamReader(limit=self.line_length_limit, loop=loop),
+            client_connected_cb=self._cb_client_connected,
+            loop=loop,
         )
-        self.command_size_limits = _command_limits()
-        self._smtp_methods = _Commands(self, self._smtp_methods)
+        # aiosmtpd's state, as its constructor leaves it for these arguments:
+        # handler=None (no hooks), data_size_limit=max_message_size, enable_SMTPUTF8=True,
+        # decode_data=False, ident=IDENT, require_starttls=listener.require_tls,
+        # timeout=read_timeout, auth_required=listener.auth_required, auth_require_tls=True;
+        # AUTH, PROXY and every command's dispatch are this class's own
+        # (tests/integration/test_gateway_perf_session.py compares the two)
+        certs = gateway.certs
+        self.__ident__ = IDENT
+        self.loop = loop
+        self.event_handler = None
+        self.data_size_limit = settings.max_message_size
+        self.enable_SMTPUTF8 = True
+        self._decode_data = False
+        self.command_size_limits = COMMAND_LIMITS
+        self.hostname = settings.hostname
+        self.tls_context = certs.context if certs is not None else None
+        self.require_starttls = bool(self.tls_context and listener.require_tls)
+        self._timeout_duration = settings.read_timeout.total_seconds()
+        self._timeout_handle: asyncio.TimerHandle | None = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = listener.auth_required
+        self._auth_methods = {}
+        self._handle_hooks = _NO_HOOKS
+        self._ehlo_hook_ver = None
+        self._smtp_methods = {}
+        self._enforce_call_limit = False
         # connection state (kept across STARTTLS)
         self.connection_id = secrets.token_hex(8)
         self.client_ip = "unknown"
@@ -144,6 +172,8 @@ class GatewaySMTP(SMTP):
         self.span: trace.Span | None = None
         self._expect_proxy = False
         self._tls_waiter: asyncio.Future[None] | None = None
+        #: loop time at which an idle client times out (the timer moves to it lazily)
+        self._deadline = 0.0
 
     # --- connection lifecycle --------------------------------------------------------------
 
@@ -156,15 +186,30 @@ class GatewaySMTP(SMTP):
             if self._expect_proxy:
                 self._proxy_timeout = self.gateway.settings.proxy_protocol_timeout.total_seconds()
             self.gateway.sessions.add(self)
-            self.span = _tracer.start_span(
-                "smtp.session",
-                kind=trace.SpanKind.SERVER,
-                attributes={"smtp.listener": self.listener.name, "client.address": self.client_ip},
-            )
+            self.span = self._session_span()
         super().connection_made(transport)
         if first and self.listener.implicit_tls and not self._expect_proxy:
             # now, before the event loop can hand the ClientHello to the stream reader
             self._tls_waiter = self._begin_tls()
+
+    def _session_span(self) -> trace.Span:
+        """The session's span, parent of each message's. Where no span processor would see it
+        (no OTLP endpoint: spans only carry ids for logs and the queue), it is only its ids,
+        which cost a fraction of a recorded span; messages still record theirs under it."""
+        if _spans_exported():
+            return _tracer.start_span(
+                "smtp.session",
+                kind=trace.SpanKind.SERVER,
+                attributes={"smtp.listener": self.listener.name, "client.address": self.client_ip},
+            )
+        return trace.NonRecordingSpan(
+            trace.SpanContext(
+                trace_id=_ids.generate_trace_id(),
+                span_id=_ids.generate_span_id(),
+                is_remote=False,
+                trace_flags=_SAMPLED,
+            )
+        )
 
     def connection_lost(self, error: Exception | None) -> None:
         self._forget()
@@ -189,12 +234,113 @@ class GatewaySMTP(SMTP):
         return any(address in net for net in self.gateway.settings.trusted_proxies)
 
     async def _handle_client(self) -> None:
-        if not self._expect_proxy:
+        """Admission (after the PROXY header and implicit TLS, where they apply), the
+        greeting, then one command after another until the connection ends."""
+        if self._expect_proxy:
+            if not await self._read_proxy():
+                return
+        else:
             if self.listener.implicit_tls and not await self._start_implicit_tls():
                 return
             if not await self._admit():
                 return
-        await super()._handle_client()
+        await self.push(f"220 {self.hostname} {IDENT}")
+        await self._command_loop()
+
+    async def _read_proxy(self) -> bool:
+        """The PROXY header of a trusted proxy, within proxy_protocol_timeout."""
+        assert self.session is not None
+        self._reset_timeout(self._proxy_timeout)
+        proxy = await get_proxy(self._reader)
+        self.session.proxy_data = proxy
+        if not proxy or not await self.on_proxy(proxy):
+            if self.transport is not None:
+                self.transport.close()
+            return False
+        self._reset_timeout()
+        return True
+
+    async def _command_loop(self) -> None:
+        """aiosmtpd's loop (SMTP._handle_client) for this class: the same checks and replies
+        in the same order, no per-line logging, unknown and HTTP commands answered by the
+        session, and `busy` set while a command runs (a graceful stop waits for it)."""
+        reader = self._reader
+        commands = self._commands
+        while self.transport is not None:
+            try:
+                try:
+                    line: bytes = await reader.readuntil()
+                except asyncio.LimitOverrunError as error:
+                    # too long: read to the end of the line, then say so
+                    await reader.read(error.consumed)
+                    while True:
+                        try:
+                            await reader.readuntil()
+                            break
+                        except asyncio.LimitOverrunError as more:
+                            await reader.read(more.consumed)
+                    await self.push("500 Command line too long")
+                    continue
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                command_bytes, _, arg_bytes = line.partition(b" ")
+                try:
+                    command = command_bytes.upper().decode("ascii")
+                except UnicodeDecodeError:
+                    await self.push("500 Error: bad syntax")
+                    continue
+                # arguments may be UTF-8 (SMTPUTF8) or anything: surrogateescape keeps bytes
+                arg = str(arg_bytes.strip(), "utf-8", "surrogateescape") if arg_bytes else None
+                session = self.session
+                assert session is not None
+                if session.extended_smtp:
+                    limit = COMMAND_LIMITS.get(command, SMTP.command_size_limit)
+                else:
+                    limit = SMTP.command_size_limit
+                if len(line) > limit:
+                    await self.push("500 Command line too long")
+                    continue
+                if not self._tls_handshake_okay and command != "QUIT":
+                    await self.push("554 Command refused due to lack of security")
+                    continue
+                if (
+                    self.require_starttls
+                    and not self._tls_protocol
+                    and command not in ALLOWED_BEFORE_STARTTLS
+                ):
+                    await self.push("530 Must issue a STARTTLS command first")  # RFC 3207 §4
+                    continue
+                method = commands.get(command)
+                if method is None:
+                    method = (
+                        GatewaySMTP.http_command
+                        if command in HTTP_VERBS
+                        else GatewaySMTP.unknown_command
+                    )
+                self._reset_timeout()
+                self.busy = True
+                try:
+                    await method(self, arg)
+                finally:
+                    self.busy = False
+                if self.stop_requested:
+                    self._write_final(replies.SHUTTING_DOWN)
+            except (asyncio.CancelledError, ConnectionResetError):
+                self._writer.close()
+                raise
+            except Exception as error:
+                try:
+                    status = await self.handle_exception(error)
+                except Exception as inner:
+                    status = f"500 Error: ({inner.__class__.__name__}) {inner}"
+                if isinstance(error, TLSSetupException):
+                    if self.transport is not None:
+                        self.transport.close()
+                    self.connection_lost(error)
+                else:
+                    await self.push(status)
 
     async def _admit(self) -> bool:
         reply = await self.policy.admit()
@@ -314,6 +460,24 @@ class GatewaySMTP(SMTP):
             self.transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
             self.transport.close()
 
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """The client is active: it may now stay idle for `duration` (read_timeout). Moves
+        a deadline; the timer, when it fires early, waits for the rest."""
+        loop = self.loop
+        deadline = loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is None or handle.cancelled() or handle.when() > deadline:
+            if handle is not None:
+                handle.cancel()
+            self._timeout_handle = loop.call_at(deadline, self._idle_check)
+
+    def _idle_check(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._idle_check)
+        else:
+            self._timeout_cb()
+
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: say why before closing
         log.info("session timed out", extra={"client_ip": self.client_ip})
@@ -339,26 +503,14 @@ class GatewaySMTP(SMTP):
         if self.transport is None or self.transport.is_closing():
             return
         self._writer.write(reply.encode("utf-8") + b"\r\n")
+        if not self.transport.get_write_buffer_size():  # type: ignore[attr-defined]
+            return  # all sent: nothing to wait for
         try:
             async with asyncio.timeout(self.gateway.settings.write_timeout.total_seconds()):
                 await self._writer.drain()
         except TimeoutError:
             log.info("write timed out", extra={"client_ip": self.client_ip})
             self.abort()
-
-    def tracked(
-        self, method: Callable[[str | None], Awaitable[None]]
-    ) -> Callable[[str | None], Awaitable[None]]:
-        async def run(arg: str | None) -> None:
-            self.busy = True
-            try:
-                await method(arg)
-            finally:
-                self.busy = False
-            if self.stop_requested:
-                self._write_final(replies.SHUTTING_DOWN)
-
-        return run
 
     async def unknown_command(self, arg: str | None) -> None:
         await self.push(replies.UNKNOWN_COMMAND)
@@ -413,6 +565,17 @@ class GatewaySMTP(SMTP):
             await self.push("502 5.5.1 STARTTLS not available")
             return
         await super().smtp_STARTTLS(arg or "")
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        if await self.check_auth_needed("HELP"):
+            return
+        names = sorted(
+            name
+            for name in self._commands
+            if (name != "STARTTLS" or self.listener.starttls)
+            and (name != "AUTH" or self.listener.auth)
+        )
+        await self.push(f"250 2.0.0 Supported commands: {' '.join(names)}")
 
     async def smtp_VRFY(self, arg: str | None) -> None:
         # RFC 5321 §3.5.3: 252 says nothing about which mailboxes exist
@@ -605,12 +768,12 @@ class GatewaySMTP(SMTP):
             return None
 
 
-def _command_limits() -> dict[str, int]:
-    from collections import defaultdict
-
-    limits: defaultdict[str, int] = defaultdict(lambda: SMTP.command_size_limit)
-    limits.update(COMMAND_LIMITS)
-    return limits
+def _spans_exported() -> bool:
+    """Whether the process's tracer provider has a span processor (an OTLP exporter, or a
+    test's); True when it cannot tell."""
+    processor = getattr(trace.get_tracer_provider(), "_active_span_processor", None)
+    processors = getattr(processor, "_span_processors", None)
+    return processors is None or bool(processors)
 
 
 def _is_redis_error(error: BaseException) -> bool:
@@ -619,13 +782,8 @@ def _is_redis_error(error: BaseException) -> bool:
     return isinstance(error, RedisError | TimeoutError | OSError)
 
 
-class _ProxyHandler:
-    """The aiosmtpd handler: only the PROXY hook; commands are the session's methods."""
+def _command_table(cls: type[GatewaySMTP]) -> dict[str, Command]:
+    return {name[5:]: getattr(cls, name) for name in dir(cls) if name.startswith("smtp_")}
 
-    def __init__(self, session: GatewaySMTP) -> None:
-        self.session = session
 
-    async def handle_PROXY(
-        self, server: SMTP, session: Session, envelope: Envelope, proxy_data: ProxyData
-    ) -> bool:
-        return await self.session.on_proxy(proxy_data)
+GatewaySMTP._commands = _command_table(GatewaySMTP)
