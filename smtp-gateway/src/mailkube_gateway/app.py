@@ -58,8 +58,7 @@ def _start_children(settings: GatewaySettings) -> list[subprocess.Popen[bytes]]:
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]], grace: float) -> None:
-    for child in children:
-        child.terminate()
+    """Wait for the children (told to stop when this process was) for the grace period."""
     deadline = time.monotonic() + grace + 5
     for child in children:
         try:
@@ -143,6 +142,8 @@ class GatewayApp:
     async def stop(self) -> None:
         gateway = self.gateway
         gateway.stopping = True
+        for child in self.children:  # they stop alongside, not after this one's sessions
+            child.terminate()
         for server in self.servers:
             server.close()
         gateway.stop_sessions()
