@@ -17,6 +17,18 @@ def _safe(text: str, limit: int = 255) -> str:
     return _UNSAFE.sub("_", text)[:limit]
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(now: float) -> str:
+    """RFC 5322 date-time in local time (whole seconds: the same string all second long)."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, formatdate(second, localtime=True))
+    return _last_date[1]
+
+
 @dataclass(frozen=True)
 class TlsInfo:
     version: str
@@ -56,7 +68,7 @@ def received_header(
     if auth_user is not None:
         lines.append(f"(authenticated sender: {_safe(auth_user)})")
     lines.append(f"by {hostname} (Mailkube) with {protocol} id {queue_id}")
-    stamp = formatdate(time.time() if now is None else now, localtime=True)
+    stamp = _date(time.time() if now is None else now)
     if recipient is not None:
         lines.append(f"for <{_safe(recipient, 320)}>; {stamp}")
     else:

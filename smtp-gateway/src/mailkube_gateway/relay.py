@@ -31,6 +31,9 @@ _DOMAIN_UTF8 = re.compile(rf"{_LABEL_UTF8}(?:\.{_LABEL_UTF8})*")
 # A-d-l = At-domain *( "," At-domain ), ended by ":"
 _ROUTE = re.compile(rf"@{_LABEL}(?:\.{_LABEL})*(?:,@{_LABEL}(?:\.{_LABEL})*)*:")
 
+# control characters, DEL, and lone surrogates (bytes that were not UTF-8: surrogateescape)
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
 #: local-part characters that route mail onwards on some systems (RFC 5321 §3.6.1 deprecates
 #: source routing of every kind): refused in unauthenticated mail even to local domains
 ROUTING_CHARACTERS = frozenset("%!@")
@@ -82,7 +85,7 @@ def parse_path(text: str, *, utf8: bool = False, null_ok: bool = False) -> Path 
         if null_ok:
             return None
         raise PathSyntaxError("null path not allowed here")
-    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in inner):
+    if _FORBIDDEN.search(inner):
         raise PathSyntaxError("control characters or invalid UTF-8 in path")
     if not utf8 and not inner.isascii():
         raise PathSyntaxError("non-ASCII address without SMTPUTF8")

@@ -19,7 +19,7 @@ from opentelemetry import metrics
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_client import RedisClient
@@ -201,7 +201,13 @@ class Queue:
         return PartitionKeys(self.prefix, partition)
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        return await self._script[name](keys=list(keys), args=list(args))
+        # EVALSHA as AsyncScript sends it, without its per-call checks (the enqueue hot path)
+        script = self._script[name]
+        try:
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            script.sha = await self.redis.script_load(script.script)
+            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
 
     # --- producer -------------------------------------------------------------------------
 
