@@ -218,22 +218,35 @@ class _Connection(asyncio.Protocol):
             protocolError=InvalidResponse, replyError=BaseParser.parse_error
         )
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        #: requests waiting for the end of this event-loop turn
         self.outgoing: list[bytes] = []
+        self.turn_open = False
         self.closed = False
 
     def send(self, request: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+        """The first request of an event-loop turn goes out at once (no added latency when
+        the process is quiet); the ones after it in the same turn go out together at its
+        end (one write for many sessions when it is busy)."""
         future = loop.create_future()
+        if self.closed or self.transport.is_closing():
+            future.set_exception(RedisConnectionError("Redis connection closing"))
+            return future
         self.waiting.append(future)
-        if not self.outgoing:
-            # the first of this turn: write them all once the other sessions had their say
+        if self.turn_open:
+            self.outgoing.append(request)
+        else:
+            self.transport.write(request)
+            self.turn_open = True
             loop.call_soon(self._flush)
-        self.outgoing.append(request)
         return future
 
     def _flush(self) -> None:
-        if not self.closed and not self.transport.is_closing():
-            self.transport.write(b"".join(self.outgoing))
-        self.outgoing.clear()
+        self.turn_open = False
+        if self.outgoing:
+            # closing: connection_lost fails their futures
+            if not self.closed and not self.transport.is_closing():
+                self.transport.write(b"".join(self.outgoing))
+            self.outgoing.clear()
 
     def data_received(self, data: bytes) -> None:
         reader = self.reader
@@ -315,4 +328,6 @@ def multiplexed(redis: RedisClient) -> RedisClient:
     Cluster client is returned as it is). Takes over `redis`'s connection pool."""
     if not isinstance(redis, Redis) or isinstance(redis, MultiplexedRedis):
         return redis
+    if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        return redis  # the shared connection hands over replies as bytes, undecoded
     return MultiplexedRedis.from_pool(redis.connection_pool)

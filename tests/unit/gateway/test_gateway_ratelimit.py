@@ -62,6 +62,12 @@ async def test_every_caller_gets_its_own_reply_down_one_connection(redis_url: st
         await client.aclose()
 
 
+async def test_a_client_that_decodes_replies_keeps_the_pool(redis_url: str) -> None:
+    decoding = Redis.from_url(redis_url, decode_responses=True)
+    assert multiplexed(decoding) is decoding
+    await decoding.aclose()
+
+
 async def test_an_error_reply_goes_to_its_caller_only(redis_url: str) -> None:
     client = multiplexed(Redis.from_url(redis_url))
     try:
