@@ -6,12 +6,16 @@ processor would see it."""
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 from aiosmtpd.smtp import SMTP
 from gateway_harness import ALICE, RawClient, message, running_gateway
 from opentelemetry import trace
 
+from mailkube_gateway.listeners import BACKLOG
 from mailkube_gateway.session import IDENT, GatewaySMTP
 
 #: aiosmtpd state the gateway deliberately leaves empty: AUTH, handler hooks (PROXY included)
@@ -136,3 +140,15 @@ async def _send(port: int) -> None:
     assert reply.startswith("250"), reply
     await client.command("QUIT")
     await client.closed()
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+async def test_listeners_keep_their_backlog(redis_url: str, tmp_path: Path) -> None:
+    """asyncio's create_server listens again with 100 unless told otherwise: a burst of
+    connections beyond that would wait for SYN retries."""
+    async with running_gateway(redis_url, tmp_path) as gateway:
+        out = subprocess.run(
+            ["ss", "-Hltn", f"sport = :{gateway.mx}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        assert out[0] == "LISTEN"
+        assert int(out[2]) == BACKLOG  # Send-Q of a listening socket: its backlog

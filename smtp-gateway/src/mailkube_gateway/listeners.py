@@ -17,6 +17,8 @@ from typing import Literal
 from mailkube_core.settings import GatewaySettings, SettingsError, split_host_port
 
 ListenerName = Literal["mx", "submission", "submissions"]
+#: connections the kernel may hold for a listener before the gateway accepts them
+BACKLOG = 1024
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def _sockets(spec: ListenerSpec, reuse_port: bool) -> list[socket.socket]:
                 # one socket per family, so "every address" means both
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.listen(1024)
+            sock.listen(BACKLOG)
             sock.setblocking(False)
         except OSError:
             sock.close()
@@ -116,5 +118,6 @@ async def serve_listener(
     loop = asyncio.get_running_loop()
     servers = []
     for sock in _sockets(spec, reuse_port):
-        servers.append(await loop.create_server(lambda: factory(spec), sock=sock))
+        # create_server listens again: without the backlog it would cut it to 100
+        servers.append(await loop.create_server(lambda: factory(spec), sock=sock, backlog=BACKLOG))
     return servers
