@@ -2,7 +2,8 @@
 # Both set up what they need first: uv, the locked Python environment, redis-server,
 # swaks with TLS (Net::SSLeay is only a Recommends of the swaks package), and Postfix's
 # smtp-sink, a fake MX host for the worker's tests (Postfix itself unconfigured and stopped),
-# and OpenDKIM's opendkim-testmsg, an independent DKIM verifier for the signing tests.
+# OpenDKIM's opendkim-testmsg, an independent DKIM verifier for the signing tests, and ss
+# (iproute2), which shows a listening socket's backlog.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -29,6 +30,7 @@ setup:
 	swaks --support 2>&1 | grep '^=== TLS supported' >/dev/null || pkgs="$$pkgs swaks libnet-ssleay-perl"; \
 	command -v smtp-sink >/dev/null || pkgs="$$pkgs postfix"; \
 	command -v opendkim-testmsg >/dev/null || pkgs="$$pkgs opendkim-tools"; \
+	command -v ss >/dev/null || pkgs="$$pkgs iproute2"; \
 	if [ -n "$$pkgs" ]; then \
 		echo "Installing Debian packages:$$pkgs"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \

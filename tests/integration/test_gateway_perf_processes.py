@@ -12,7 +12,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
 from conditions import eventually
 from gateway_harness import (
     ALICE,
@@ -28,8 +27,6 @@ from gateway_harness import (
 from mailkube_core.queue import Queue
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.settings import CommonSettings
-
-pytestmark = pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 
 
 def children(pid: int) -> list[int]:

@@ -6,11 +6,9 @@ processor would see it."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 from aiosmtpd.smtp import SMTP
 from gateway_harness import ALICE, RawClient, message, running_gateway
 from opentelemetry import trace
@@ -142,7 +140,6 @@ async def _send(port: int) -> None:
     await client.closed()
 
 
-@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
 async def test_listeners_keep_their_backlog(redis_url: str, tmp_path: Path) -> None:
     """asyncio's create_server listens again with 100 unless told otherwise: a burst of
     connections beyond that would wait for SYN retries."""
