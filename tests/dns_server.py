@@ -24,6 +24,7 @@ import socketserver
 import struct
 import threading
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.flags
@@ -33,6 +34,7 @@ import dns.opcode
 import dns.rcode
 import dns.rdataclass
 import dns.rdatatype
+import dns.resolver
 import dns.rrset
 import dns.zone
 
@@ -62,6 +64,27 @@ class DnsServer:
         zone = dns.zone.from_text(text, origin=origin, relativize=False, check_origin=False)
         with self._lock:
             self.zones[zone.origin] = zone  # type: ignore[index]
+
+    def dkim_txt(self, name: bytes, timeout: float = 5) -> bytes | None:
+        """dkimpy's `dnsfunc`, asking this server only (dnspython's blocking resolver): the
+        first TXT record at `name`, None if there is none; dkim.DnsTimeoutError on a timeout
+        or SERVFAIL."""
+        import dkim
+
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [self.host]
+        resolver.port = self.port
+        try:
+            answer = resolver.resolve(
+                name.decode(), "TXT", lifetime=timeout, raise_on_no_answer=False
+            )
+        except dns.resolver.NXDOMAIN:
+            return None
+        except dns.exception.DNSException as error:
+            raise dkim.DnsTimeoutError(str(error)) from None
+        if not answer.rrset:
+            return None
+        return b"".join(answer.rrset[0].strings)  # type: ignore[attr-defined]
 
     def fail(self, name: str) -> None:
         self.servfail.add(dns.name.from_text(name))
@@ -218,3 +241,27 @@ def _rrset(name: dns.name.Name, rdataset: dns.rdataset.Rdataset) -> dns.rrset.RR
     rrset = dns.rrset.RRset(name, rdataset.rdclass, rdataset.rdtype)
     rrset.update(rdataset)
     return rrset
+
+
+def txt_strings(value: str) -> str:
+    """A zone-file TXT value: quoted strings of at most 255 octets (RFC 1035 §3.3.14), as a
+    2048-bit RSA DKIM key needs."""
+    return " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
+
+
+def zone_from_records(
+    origin: str, records: list[dict[str, Any]], *, drop: str = "",
+    replace: dict[str, str] | None = None, extra: str = "",
+) -> str:  # fmt: skip
+    """Zone-file text publishing `records` as a MailDomain's status.dnsRecords lists them
+    (type, name, value, purpose), except the one whose purpose is `drop`, with the values of
+    `replace` (purpose -> value), and `extra` lines."""
+    lines = [f"@ 300 IN SOA ns.{origin} hostmaster.{origin} 1 3600 600 86400 60"]
+    for record in records:
+        if record["purpose"] == drop:
+            continue
+        value = (replace or {}).get(record["purpose"], record["value"])
+        if record["type"] == "TXT":
+            value = txt_strings(value)
+        lines.append(f"{record['name']} 300 IN {record['type']} {value}")
+    return "\n".join([*lines, extra, ""])

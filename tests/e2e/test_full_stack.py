@@ -27,7 +27,7 @@ import aiosmtplib
 import dkim
 import kmock
 import pytest
-from dns_server import DnsServer
+from dns_server import DnsServer, zone_from_records
 from fake_mx import MxFarm
 from gateway_harness import gateway_settings, make_tls
 from kube_emulator import KubeEmulator, mailkube_resources
@@ -55,17 +55,6 @@ async def api(kmock: kmock.KubernetesEmulator) -> AsyncIterator[Api]:
     client.close()
 
 
-def zone_text(records: list[dict[str, Any]], extra: str = "") -> str:
-    """A zone file of the records a MailDomain's status lists (TXT split in 255-byte strings)."""
-    lines = ["$TTL 60", "@ SOA ns hostmaster 1 3600 600 86400 60", "@ NS ns", extra]
-    for record in records:
-        value = record["value"]
-        if record["type"] == "TXT":
-            value = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
-        lines.append(f"{record['name']} {record['type']} {value}")
-    return "\n".join(lines) + "\n"
-
-
 async def publish_records(api: Api, dns_server: DnsServer) -> list[dict[str, Any]]:
     """Wait for the domain to be ready, then serve the records of its status."""
 
@@ -79,8 +68,12 @@ async def publish_records(api: Api, dns_server: DnsServer) -> list[dict[str, Any
 
     records = await eventually(ready)
     # the MX host the records name (public_hostname) is this machine: SPF "mx" passes for it
-    dns_server.add_zone("example.test", zone_text(records, "mx A 127.0.0.1"))
-    dns_server.add_zone("far.test", zone_text([], f"@ MX 10 mx\nmx A {FAR_MX}"))
+    dns_server.add_zone(
+        "example.test.", zone_from_records("example.test.", records, extra="mx A 127.0.0.1")
+    )
+    dns_server.add_zone(
+        "far.test.", zone_from_records("far.test.", [], extra=f"@ MX 10 mx\nmx A {FAR_MX}")
+    )
     return records
 
 
@@ -200,23 +193,6 @@ async def run_mail(
         await gateway.stop()
 
 
-def dnsfunc(dns_server: DnsServer) -> Any:
-    import dns.resolver
-
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [dns_server.host]
-    resolver.port = dns_server.port
-
-    def txt(name: bytes, timeout: int = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(name.decode(), "TXT")
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return None
-        return b"".join(answer[0].strings)
-
-    return txt
-
-
 async def assert_signed_by_operator_keys(message: bytes, dns_server: DnsServer) -> None:
     message = message.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     signatures = [
@@ -224,9 +200,8 @@ async def assert_signed_by_operator_keys(message: bytes, dns_server: DnsServer) 
     ]
     algorithms = sorted(b"a=ed25519-sha256" in s.replace(b" ", b"") for s in signatures)
     assert algorithms == [False, True], signatures  # one RSA, one Ed25519
-    lookup = dnsfunc(dns_server)
     for index in range(len(signatures)):
-        assert await asyncio.to_thread(dkim.DKIM(message).verify, index, lookup)
+        assert await asyncio.to_thread(dkim.DKIM(message).verify, index, dns_server.dkim_txt)
 
 
 async def assert_authenticated_at_the_far_end(message: bytes, dns_server: DnsServer) -> None:

@@ -15,9 +15,8 @@ import authres
 import authres.arc
 import authres.dmarc
 import dkim
-import dns.resolver
 import pytest
-from dns_server import DnsServer
+from dns_server import DnsServer, txt_strings
 from gateway_harness import ALICE, ALICE_PASSWORD, LOCAL, Running, routing_table, running_gateway
 
 from mailkube_core.routing import DkimKey, DomainPolicy
@@ -172,8 +171,7 @@ def serve_key(dns_server: DnsServer, domain: str, keys: list[DkimKey]) -> None:
     lines = []
     for key in keys:
         value = public_record(key.algorithm, key.private_key.get_secret_value())
-        strings = " ".join(f'"{value[i : i + 255]}"' for i in range(0, len(value), 255))
-        lines.append(f"{key.selector}._domainkey TXT {strings}")
+        lines.append(f"{key.selector}._domainkey TXT {txt_strings(value)}")
     records = "\n".join(lines)
     dns_server.add_zone(
         domain, f"$TTL 60\n@ SOA ns hostmaster 1 3600 600 86400 60\n@ NS ns\n{records}\n"
@@ -220,21 +218,6 @@ async def test_a_broken_signature_is_recorded_as_fail(
     assert info.envelope.annotations == {"quarantine": "email-auth"}
 
 
-def dnsfunc_for(dns_server: DnsServer) -> Any:
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [dns_server.host]
-    resolver.port = dns_server.port
-
-    def txt(name: bytes, timeout: int = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(name.decode(), "TXT")
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return None
-        return b"".join(answer[0].strings)
-
-    return txt
-
-
 @pytest.mark.parametrize("algorithms", [["rsa-sha256"], ["ed25519-sha256"],
                                         ["rsa-sha256", "ed25519-sha256"]])  # fmt: skip
 async def test_submitted_mail_is_queued_signed(
@@ -256,7 +239,7 @@ async def test_submitted_mail_is_queued_signed(
     signatures = [value for name, value in fields if name.lower() == b"dkim-signature"]
     assert len(signatures) == len(algorithms)
     for index, _ in enumerate(signatures):
-        assert await asyncio.to_thread(dkim.DKIM(message).verify, index, dnsfunc_for(dns_server)), (
+        assert await asyncio.to_thread(dkim.DKIM(message).verify, index, dns_server.dkim_txt), (
             f"signature {index} does not verify"
         )
     [ours] = results_of(body)["mx.test"]

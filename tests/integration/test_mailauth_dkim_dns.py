@@ -6,12 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import dkim
-import dns.exception
-import dns.resolver
 from dns_server import DnsServer
 
-from mailkube_gateway.mailauth.dkim_verify import DkimResult, DnsFunc, verify_dkim
+from mailkube_gateway.mailauth.dkim_verify import DkimResult, verify_dkim
 
 ZONE = Path(__file__).resolve().parents[1] / "dns" / "zones" / "football.example.com.zone"
 
@@ -48,30 +45,8 @@ RFC_8463_MESSAGE = (
 )
 
 
-def dnsfunc_for(server: DnsServer) -> DnsFunc:
-    """dkimpy's dnsfunc over dnspython's blocking resolver, asking only the test server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = [server.host]
-    resolver.port = server.port
-
-    def dnsfunc(name: bytes, timeout: float = 5) -> bytes | None:
-        try:
-            answer = resolver.resolve(
-                name.decode(), "TXT", lifetime=timeout, raise_on_no_answer=False
-            )
-        except dns.resolver.NXDOMAIN:
-            return None
-        except dns.exception.DNSException as error:  # timeout, SERVFAIL
-            raise dkim.DnsTimeoutError(str(error)) from None
-        if not answer.rrset:
-            return None
-        return b"".join(answer.rrset[0].strings)  # type: ignore[attr-defined]
-
-    return dnsfunc
-
-
 def test_rfc_8463_example_passes_both_signatures(dns_server: DnsServer) -> None:
-    results = verify_dkim(RFC_8463_MESSAGE, dnsfunc_for(dns_server))
+    results = verify_dkim(RFC_8463_MESSAGE, dns_server.dkim_txt)
     domain = "football.example.com"
     assert results == [
         DkimResult("pass", domain, "brisbane", "ed25519-sha256", "/gCrinpcQOoI", ""),
@@ -83,7 +58,7 @@ def test_rfc_8463_example_passes_both_signatures(dns_server: DnsServer) -> None:
 
 
 def test_rfc_8463_example_changed_fails_both(dns_server: DnsServer) -> None:
-    dnsfunc = dnsfunc_for(dns_server)
+    dnsfunc = dns_server.dkim_txt
     body = RFC_8463_MESSAGE.replace(b"hungry", b"angry")
     assert [(r.result, r.reason) for r in verify_dkim(body, dnsfunc)] == [
         ("fail", "body hash mismatch")
@@ -99,7 +74,7 @@ def test_servfail_is_temperror_and_missing_key_permerror() -> None:
     try:
         server.add_zone("football.example.com", ZONE.read_text())
         server.fail("brisbane._domainkey.football.example.com")
-        dnsfunc = dnsfunc_for(server)
+        dnsfunc = server.dkim_txt
         results = verify_dkim(RFC_8463_MESSAGE, dnsfunc)
         assert [(r.selector, r.result, r.reason) for r in results] == [
             ("brisbane", "temperror", "key lookup failed: DNS error"),

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dns_server import DnsServer
+from dns_server import DnsServer, txt_strings
 
 from mailkube_core.routing import DkimKey
 from mailkube_gateway.mailauth.dkim_sign import sign
@@ -125,11 +125,6 @@ def port53(tmp_path_factory: pytest.TempPathFactory, keys: Keys) -> Iterator[Por
 
 def record(key: DkimKey) -> str:
     return public_record(key.algorithm, key.private_key.get_secret_value())
-
-
-def txt_strings(value: str) -> str:
-    """A zone-file TXT value: strings of at most 255 octets (RFC 1035 §3.3.14)."""
-    return " ".join(f'"{value[i : i + 200]}"' for i in range(0, len(value), 200))
 
 
 @pytest.mark.parametrize("name", sorted(MESSAGES))

@@ -10,7 +10,7 @@ from typing import Any
 import dns.name
 import kmock
 import pytest
-from dns_server import DnsServer
+from dns_server import DnsServer, zone_from_records
 from kube_emulator import KubeEmulator, mailkube_resources
 from operator_harness import Api, OperatorRun, condition, events, eventually, operator_settings
 
@@ -26,23 +26,6 @@ def settings_for(dns_server: DnsServer, redis_url: str, kube_url: str) -> Operat
         dns_check_interval="1s", dns_nameservers=[dns_server.host], dns_port=dns_server.port,
         dns_timeout="2s",
     )  # fmt: skip
-
-
-def zone(origin: str, records: list[dict[str, Any]], *, drop: str = "",
-         replace: dict[str, str] | None = None, extra: str = "") -> str:  # fmt: skip
-    """Zone-file text publishing `records` (as status.dnsRecords lists them), except the one
-    whose purpose is `drop`, with values of `replace` (purpose -> value)."""
-    lines = [f"@ 300 IN SOA ns.{origin} hostmaster.{origin} 1 3600 600 86400 60"]
-    for record in records:
-        if record["purpose"] == drop:
-            continue
-        value = (replace or {}).get(record["purpose"], record["value"])
-        if record["type"] == "MX":
-            lines.append(f"{record['name']} 300 IN MX {value}")
-        else:  # TXT: quoted, in strings of at most 255 characters (a 2048-bit DKIM key needs 2)
-            chunks = [value[i : i + 255] for i in range(0, len(value), 255)]
-            lines.append(f"{record['name']} 300 IN TXT " + " ".join(f'"{c}"' for c in chunks))
-    return "\n".join([*lines, extra, ""])
 
 
 @pytest.fixture
@@ -73,7 +56,7 @@ async def test_dns_verified_then_a_missing_and_a_wrong_record_are_named(
             return list(listed)
 
         listed = await eventually(records)
-        dns_server.add_zone("verified.test.", zone("verified.test.", listed))
+        dns_server.add_zone("verified.test.", zone_from_records("verified.test.", listed))
 
         async def verified() -> None:
             ok = condition(await api.get("maildomains", "verified"), "DNSVerified")
@@ -84,7 +67,7 @@ async def test_dns_verified_then_a_missing_and_a_wrong_record_are_named(
         await eventually(verified)
 
         # the DMARC record goes, the SPF record is changed
-        dns_server.add_zone("verified.test.", zone(
+        dns_server.add_zone("verified.test.", zone_from_records(
             "verified.test.", listed, drop="dmarc", replace={"spf": "v=spf1 -all"}))  # fmt: skip
 
         async def mismatch() -> None:
@@ -124,7 +107,7 @@ async def test_changed_records_are_checked_at_once(
         {"type": "TXT", "name": "_dmarc.rotating.test.", "purpose": "dmarc",
          "value": "v=DMARC1; p=quarantine; rua=mailto:postmaster@rotating.test"},
     ]  # fmt: skip
-    dns_server.add_zone("rotating.test.", zone("rotating.test.", published))
+    dns_server.add_zone("rotating.test.", zone_from_records("rotating.test.", published))
     hourly = OperatorSettings.model_validate({"dns_check_interval": "1h"}).dns_check_interval
     settings = settings_for(dns_server, redis_url, str(kmock.url))
     run = OperatorRun(settings.model_copy(update={"dns_check_interval": hourly}))
