@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
+import dkim  # type: ignore[import-untyped]
 import dns.asyncresolver
 import dns.exception
 import dns.name
@@ -83,8 +84,6 @@ class ThreadBridge:
 
     def dkim_txt(self, name: bytes, timeout: float = 5) -> bytes | None:
         """dkimpy's `dnsfunc`: the first TXT record at `name`, None if there is none."""
-        import dkim  # type: ignore[import-untyped]
-
         try:
             result = self._wait(self.resolver.txt(name.decode("ascii", "replace")))
         except DnsTempError as error:

@@ -25,7 +25,7 @@ from .arc_verify import ArcResult, verify_arc
 from .dkim_sign import sign
 from .dkim_verify import DkimResult, verify_dkim
 from .dmarc_check import DmarcResult, check_dmarc
-from .header_fields import from_address, from_domain
+from .header_fields import field_spans, from_address, from_domain
 from .resolver import DnsResolver
 from .results_header import Clause, remove_ours, render_header
 from .spf_check import SpfResult, check_spf
@@ -42,7 +42,6 @@ DMARC_REJECTED = (
 SPF_TEMP = "451 4.7.24 SPF record of {domain} could not be checked now, try again later"
 DKIM_TEMP = "451 4.7.5 DKIM key of {domain} could not be fetched now, try again later"
 DMARC_TEMP = "451 4.7.1 DMARC policy of {domain} could not be fetched now, try again later"
-STRICTER = {"dmarc": "enforce", "spf_fail": "reject", "dns_temp_error": "defer"}
 
 
 @dataclass(frozen=True)
@@ -56,32 +55,24 @@ def effective_policy(settings: GatewaySettings, domains: Sequence[Domain | None]
     """The policy for a message to these recipient domains: each domain's own setting, else
     the gateway's; when recipient domains differ, the stricter setting wins (one DATA reply
     answers for every recipient)."""
-    chosen: dict[str, str] = {}
-    for name, strict in STRICTER.items():
-        values = {
-            getattr(domain.policy, name, None) or getattr(settings, _setting(name))
-            for domain in domains
-            if domain is not None
-        } or {getattr(settings, _setting(name))}
-        chosen[name] = strict if strict in values else values.pop()
-    return Policy(**chosen)
+    policies = [domain.policy for domain in domains if domain is not None]
+
+    def pick(values: list[str], default: str, strict: str) -> str:
+        return strict if strict in values else (values[0] if values else default)
+
+    return Policy(
+        dmarc=pick([p.dmarc or settings.dmarc_policy for p in policies],
+                   settings.dmarc_policy, "enforce"),
+        spf_fail=pick([p.spf_fail or settings.spf_fail for p in policies],
+                      settings.spf_fail, "reject"),
+        dns_temp_error=pick([p.dns_temp_error or settings.dns_temp_error for p in policies],
+                            settings.dns_temp_error, "defer"),
+    )  # fmt: skip
 
 
-def _setting(name: str) -> str:
-    return "dmarc_policy" if name == "dmarc" else name
-
-
-def _strip_forged(message: Message, authserv_id: str) -> int:
-    section = parse_header_section(message.content, max_size=len(message.content))
-    message.content, removed = remove_ours(message.content, section.size, authserv_id)
-    if removed:
-        log.info("removed Authentication-Results claiming our authserv-id",
-                 extra={"count": removed, "client_ip": message.client_ip})  # fmt: skip
-    return removed
-
-
-class InboundAuthentication:
-    name = "email-auth"
+class _AuthStage:
+    """What both stages share: settings, the routing table, the blocking-check pool, and the
+    removal of forged Authentication-Results."""
 
     def __init__(
         self, settings: GatewaySettings, routing: RoutingReader, checks: BlockingChecks
@@ -91,12 +82,26 @@ class InboundAuthentication:
         self.checks = checks
         self.authserv_id = settings.authserv_id or settings.hostname
 
+    def strip_forged(self, message: Message) -> int:
+        """Remove incoming fields claiming our authserv-id; the header section's size after."""
+        before = message.content
+        section = parse_header_section(before, max_size=len(before))
+        message.content, removed = remove_ours(before, section.size, self.authserv_id)
+        if removed:
+            log.info("removed Authentication-Results claiming our authserv-id",
+                     extra={"count": removed, "client_ip": message.client_ip})  # fmt: skip
+        # only fields of the header section were removed
+        return section.size - (len(before) - len(message.content))
+
+
+class InboundAuthentication(_AuthStage):
+    name = "email-auth"
+
     async def check(self, message: Message) -> Verdict:
         if message.listener != "mx" or message.auth_user is not None:
             return Verdict()
-        _strip_forged(message, self.authserv_id)
+        header_size = self.strip_forged(message)
         content = message.content
-        header_size = parse_header_section(content, max_size=len(content)).size
         bridge = self.checks.bridge()
         timeout = self.checks.resolver.timeout
         spf, dkim, arc = await asyncio.gather(
@@ -185,20 +190,17 @@ def clauses(
     return result
 
 
-class SubmissionSigning:
+class SubmissionSigning(_AuthStage):
     name = "dkim-sign"
 
     def __init__(
         self, settings: GatewaySettings, routing: RoutingReader, checks: BlockingChecks
     ) -> None:
-        self.settings = settings
-        self.routing = routing
-        self.checks = checks
-        self.authserv_id = settings.authserv_id or settings.hostname
+        super().__init__(settings, routing, checks)
         #: domains already logged as having no key (log once per domain)
         self._unsigned: set[str] = set()
 
-    def signing_domain(self, message: Message) -> Domain | None:
+    def signing_domain(self, message: Message, header_size: int) -> Domain | None:
         """The From header's domain when the user may send as that address (so DKIM aligns
         for DMARC), else the MAIL FROM domain; None when neither is ours. Never a domain the
         user may not use: a signature vouches for the mail."""
@@ -207,7 +209,6 @@ class SubmissionSigning:
         user = snapshot.user(message.auth_user)
         if user is None:
             return None
-        header_size = parse_header_section(message.content, max_size=len(message.content)).size
         author = from_address(message.content, header_size)
         for address in (author, message.mail_from):
             if address and snapshot.may_send_as(user, address):
@@ -219,12 +220,12 @@ class SubmissionSigning:
     async def check(self, message: Message) -> Verdict:
         if message.auth_user is None:
             return Verdict()
-        _strip_forged(message, self.authserv_id)
+        header_size = self.strip_forged(message)
         header = render_header(
             self.authserv_id,
             [Clause("auth", "pass", properties=(("smtp.auth", message.auth_user),))],
         )
-        domain = self.signing_domain(message)
+        domain = self.signing_domain(message, header_size)
         keys = domain.signing_keys() if domain is not None else []
         if domain is None or not keys:
             name = domain.name if domain is not None else message.mail_from.rpartition("@")[2]
@@ -238,22 +239,10 @@ class SubmissionSigning:
             log.error("DKIM signing failed", extra={"domain": domain.name, "error": str(error)})
             return Verdict(headers=(header,))
         fields = tuple(
-            field.decode("ascii").removesuffix("\r\n") for field in _split_fields(signatures)
+            signatures[start:end].decode("ascii").removesuffix("\r\n")
+            for start, end in field_spans(signatures, len(signatures))
         )
         return Verdict(headers=(header, *fields))
-
-
-def _split_fields(block: bytes) -> list[bytes]:
-    """The header fields of a block of them (continuation lines start with WSP)."""
-    fields: list[bytes] = []
-    for line in block.split(b"\r\n"):
-        if not line:
-            continue
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += b"\r\n" + line
-        else:
-            fields.append(line)
-    return fields
 
 
 def build_stages(
