@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import kmock
+import pytest
 from conditions import eventually as poll
+from kube_emulator import mailkube_resources
 from kubernetes import client
 
 from mailkube_core.redis_client import connect_redis
@@ -170,6 +173,16 @@ class Api:
         import json
 
         return list(json.loads(result.data).get("items") or [])
+
+
+@pytest.fixture
+async def api(kmock: kmock.KubernetesEmulator) -> AsyncIterator[Api]:
+    """kubectl against the emulator, with Mailkube's resources declared (the conftest.py of
+    tests/integration and tests/e2e import this fixture)."""
+    mailkube_resources(kmock)
+    kubectl = Api(str(kmock.url))
+    yield kubectl
+    kubectl.close()
 
 
 def condition(obj: dict[str, Any], type_: str) -> dict[str, Any]:

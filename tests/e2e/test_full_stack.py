@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import email
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import pytest
 from dns_server import DnsServer, zone_from_records
 from fake_mx import MxFarm
 from gateway_harness import gateway_settings, make_tls
-from kube_emulator import KubeEmulator, mailkube_resources
+from kube_emulator import KubeEmulator
 from operator_harness import Api, OperatorRun, condition, eventually, operator_settings
 from worker_harness import maildir_files, running_worker, worker_settings
 
@@ -45,14 +44,6 @@ pytestmark = pytest.mark.kmock(cls=KubeEmulator)
 
 ALICE, BOB, FAR = "alice@example.test", "bob@example.test", "someone@far.test"
 FAR_MX = "127.0.0.43"
-
-
-@pytest.fixture
-async def api(kmock: kmock.KubernetesEmulator) -> AsyncIterator[Api]:
-    mailkube_resources(kmock)
-    client = Api(str(kmock.url))
-    yield client
-    client.close()
 
 
 async def publish_records(api: Api, dns_server: DnsServer) -> list[dict[str, Any]]:

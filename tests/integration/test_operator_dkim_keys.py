@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import kmock
 import pytest
-from kube_emulator import KubeEmulator, mailkube_resources
+from kube_emulator import KubeEmulator
 from operator_harness import Api, OperatorRun, condition, eventually, operator_settings
 
 from mailkube_operator import dkim
 
 pytestmark = pytest.mark.kmock(cls=KubeEmulator)
-
-
-@pytest.fixture
-async def api(kmock: kmock.KubernetesEmulator) -> AsyncIterator[Api]:
-    mailkube_resources(kmock)
-    client = Api(str(kmock.url))
-    yield client
-    client.close()
 
 
 async def test_dkim_secret_records_rotation_and_restart(

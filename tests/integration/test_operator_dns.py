@@ -4,14 +4,13 @@ then missing, wrong, duplicated, or not resolvable."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import dns.name
 import kmock
 import pytest
 from dns_server import DnsServer, zone_from_records
-from kube_emulator import KubeEmulator, mailkube_resources
+from kube_emulator import KubeEmulator
 from operator_harness import Api, OperatorRun, condition, events, eventually, operator_settings
 
 from mailkube_core.settings import OperatorSettings
@@ -26,14 +25,6 @@ def settings_for(dns_server: DnsServer, redis_url: str, kube_url: str) -> Operat
         dns_check_interval="1s", dns_nameservers=[dns_server.host], dns_port=dns_server.port,
         dns_timeout="2s",
     )  # fmt: skip
-
-
-@pytest.fixture
-async def api(kmock: kmock.KubernetesEmulator) -> AsyncIterator[Api]:
-    mailkube_resources(kmock)
-    client = Api(str(kmock.url))
-    yield client
-    client.close()
 
 
 async def test_dns_verified_then_a_missing_and_a_wrong_record_are_named(

@@ -11,7 +11,7 @@ import base64
 from collections.abc import AsyncIterator
 
 import pytest
-from kube_emulator import Fault, KubeEmulator, mailkube_resources
+from kube_emulator import Fault, KubeEmulator
 from operator_harness import (
     Api,
     OperatorRun,
@@ -33,14 +33,6 @@ RETRY_DELAY = 0.5
 
 def settings(redis_url: str, kube_url: str) -> OperatorSettings:
     return operator_settings(redis_url, kube_url, retry_delay=f"{RETRY_DELAY}s")
-
-
-@pytest.fixture
-async def api(kmock: KubeEmulator) -> AsyncIterator[Api]:
-    mailkube_resources(kmock)
-    client = Api(str(kmock.url))
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -9,12 +9,11 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import kmock
 import pytest
-from kube_emulator import KubeEmulator, mailkube_resources
+from kube_emulator import KubeEmulator
 from operator_harness import NS, Api, eventually, operator_settings
 from redis_servers import RedisServer, free_port
 
@@ -63,14 +62,6 @@ class OperatorProcess:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait(30)
-
-
-@pytest.fixture
-async def api(kmock: kmock.KubernetesEmulator) -> AsyncIterator[Api]:
-    mailkube_resources(kmock)
-    client = Api(str(kmock.url))
-    yield client
-    client.close()
 
 
 async def test_probes_follow_kopf_and_redis_and_sigterm_stops_cleanly(

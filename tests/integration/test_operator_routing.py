@@ -9,20 +9,12 @@ from collections.abc import AsyncIterator
 
 import kmock
 import pytest
-from kube_emulator import KubeEmulator, mailkube_resources
+from kube_emulator import KubeEmulator
 from operator_harness import Api, OperatorRun, condition, events, eventually, operator_settings
 
 from mailkube_core.routing import verify_password_sync
 
 pytestmark = pytest.mark.kmock(cls=KubeEmulator)
-
-
-@pytest.fixture
-async def api(kmock: kmock.KubernetesEmulator) -> AsyncIterator[Api]:
-    mailkube_resources(kmock)
-    client = Api(str(kmock.url))
-    yield client
-    client.close()
 
 
 @pytest.fixture
