@@ -19,6 +19,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import parse_pem_private_key
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mutations import Mutation, mutate, mutations
 
 from mailkube_core.routing import DkimKey
 from mailkube_gateway.mailauth import dkim_sign
@@ -553,24 +554,7 @@ JUNK = st.sampled_from(
         b"c=simple/junk",
     ]
 )
-MUTATION = st.tuples(
-    st.integers(min_value=0),
-    st.sampled_from(["insert", "delete", "replace"]),
-    JUNK | st.binary(min_size=1, max_size=6),
-)
-
-
-def mutate(message: bytes, mutations: list[tuple[int, str, bytes]]) -> bytes:
-    data = bytearray(message)
-    for position, operation, chunk in mutations:
-        at = position % (len(data) + 1)
-        if operation == "insert":
-            data[at:at] = chunk
-        elif operation == "delete":
-            del data[at : at + len(chunk)]
-        else:
-            data[at : at + len(chunk)] = chunk
-    return bytes(data)
+MUTATION = mutations(JUNK)
 
 
 @settings(max_examples=300, deadline=None)
@@ -583,9 +567,9 @@ def test_random_bytes_never_raise(keys: Keys, data: bytes) -> None:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(MUTATION, min_size=1, max_size=6))
 def test_mutated_signed_messages_never_raise(
-    keys: Keys, signed_message: bytes, mutations: list[tuple[int, str, bytes]]
+    keys: Keys, signed_message: bytes, edits: list[Mutation]
 ) -> None:
-    mutated = mutate(signed_message, mutations)
+    mutated = mutate(signed_message, edits)
     check_wellformed(verify_dkim(mutated, keys.dns()))
     assert verify_arc(mutated, keys.dns()).result in ("none", "pass", "fail")
 
