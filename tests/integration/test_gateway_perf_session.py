@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP
+from conditions import eventually
 from gateway_harness import ALICE, RawClient, message, running_gateway
 from opentelemetry import trace
 
@@ -114,7 +115,12 @@ async def test_messages_continue_the_session_trace_with_or_without_an_exporter(
         exporter = InMemorySpanExporter()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         await _send(gateway.mx)
-        await asyncio.sleep(0)
+
+        async def exported() -> bool:
+            names = {span.name for span in exporter.get_finished_spans()}
+            return {"smtp.session", "smtp.message"} <= names
+
+        await eventually(exported)
         spans = {span.name: span for span in exporter.get_finished_spans()}
         session, msg = spans["smtp.session"], spans["smtp.message"]
         assert msg.parent is not None

@@ -8,6 +8,7 @@ import asyncio
 import ssl
 from pathlib import Path
 
+from conditions import eventually
 from cryptography import x509
 from gateway_harness import (
     ALICE,
@@ -54,15 +55,15 @@ async def test_rates_and_connections_are_shared_by_two_gateways(
         assert await third.closed()
         await first.command("QUIT")
         await first.close()
+
         # the lease is released when the connection ends: a new one is let in
-        for _ in range(100):
+        async def let_in() -> bool:
             again = await RawClient.connect(two.mx, greet=False)
             greeting = await again.reply()
             await again.close()
-            if greeting.startswith("220"):
-                break
-            await asyncio.sleep(0.05)
-        assert greeting.startswith("220")
+            return greeting.startswith("220")
+
+        await eventually(let_in)
         await second.close()
     finally:
         for gateway in (one, two):
@@ -135,13 +136,11 @@ async def test_a_replaced_certificate_is_served_to_new_connections(
         kept = gw.client(gw.submissions, use_tls=True)
         await kept.connect()
         gw.tls.reissue()
-        serial = before
-        for _ in range(200):
-            serial = await peer_serial(gw.submissions, context)
-            if serial != before:
-                break
-            await asyncio.sleep(0.05)
-        assert serial != before
+
+        async def reloaded() -> bool:
+            return await peer_serial(gw.submissions, context) != before
+
+        await eventually(reloaded)
         # the connection made before the change is still served
         code, _ = await kept.noop()
         assert code == 250
