@@ -20,8 +20,8 @@ from dns_server import DnsServer, txt_strings
 from gateway_harness import ALICE, ALICE_PASSWORD, LOCAL, Running, routing_table, running_gateway
 
 from mailkube_core.routing import DkimKey, DomainPolicy
+from mailkube_core.routing.dkim_keys import generate, public_record
 from mailkube_gateway.mailauth.dkim_sign import sign
-from mailkube_operator.dkim import generate, public_record
 
 AUTHRES = authres.FeatureContext(authres.dmarc, authres.arc)
 

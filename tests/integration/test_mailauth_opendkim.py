@@ -21,8 +21,8 @@ import pytest
 from dns_server import DnsServer, txt_strings
 
 from mailkube_core.routing import DkimKey
+from mailkube_core.routing.dkim_keys import generate, public_record
 from mailkube_gateway.mailauth.dkim_sign import sign
-from mailkube_operator.dkim import generate, public_record
 
 OPENDKIM_TESTMSG = "/usr/sbin/opendkim-testmsg"
 DOMAIN = "opendkim.test"

@@ -12,16 +12,13 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from typing import Any
 
 from mailkube_core.routing import DkimKey
+from mailkube_core.routing.dkim_keys import Algorithm, generate, public_record
 
 from .models import API_VERSION
 
-Algorithm = Literal["rsa-sha256", "ed25519-sha256"]
 #: label on every DKIM Secret; its value is the MailDomain's name
 DKIM_LABEL = "mailkube.io/dkim-for"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "mailkube-operator"}
@@ -48,41 +45,6 @@ def wanted_keys(selector: str, algorithm: str) -> list[WantedKey]:
     if algorithm == "ed25519":
         return [WantedKey(selector, "ed25519-sha256")]
     return [WantedKey(selector, "rsa-sha256"), WantedKey(f"{selector}-ed25519", "ed25519-sha256")]
-
-
-def generate(algorithm: Algorithm) -> str:
-    """A new private key in DkimKey format."""
-    if algorithm == "rsa-sha256":
-        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return pem.decode()
-    seed = ed25519.Ed25519PrivateKey.generate().private_bytes(
-        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
-    )
-    return base64.b64encode(seed).decode()
-
-
-def public_record(algorithm: Algorithm, private_key: str) -> str:
-    """The DKIM TXT record value (RFC 6376 §3.6.1; Ed25519: RFC 8463 §4)."""
-    if algorithm == "rsa-sha256":
-        key = serialization.load_pem_private_key(private_key.encode(), password=None)
-        if not isinstance(key, rsa.RSAPrivateKey):
-            raise ValueError("not an RSA private key")
-        der = key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
-        return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
-    seed = base64.b64decode(private_key, validate=True)
-    raw = (
-        ed25519.Ed25519PrivateKey.from_private_bytes(seed)
-        .public_key()
-        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    )
-    return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
 
 
 def parse_data_key(data_key: str) -> WantedKey | None:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from mutations import Mutation, mutate, mutations
 
 from mailkube_core.routing import DkimKey
+from mailkube_core.routing.dkim_keys import generate, public_record
 from mailkube_gateway.mailauth import dkim_sign
 from mailkube_gateway.mailauth.arc_verify import verify_arc
 from mailkube_gateway.mailauth.dkim_sign import SIGNED_HEADERS, sign
@@ -31,7 +32,6 @@ from mailkube_gateway.mailauth.dkim_verify import (
     DnsFunc,
     verify_dkim,
 )
-from mailkube_operator.dkim import generate, public_record
 
 MESSAGE = (
     b"From: Alice <alice@example.com>\r\n"

@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mutations import Mutation, mutate, mutations
 
+from mailkube_core.routing.dkim_keys import generate, public_record
 from mailkube_gateway.mailauth.arc_verify import ArcResult, verify_arc
 from mailkube_gateway.mailauth.dkim_verify import DnsFunc
-from mailkube_operator.dkim import generate, public_record
 
 MESSAGE = (
     b"From: Alice <alice@example.com>\r\n"

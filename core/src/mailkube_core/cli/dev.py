@@ -31,8 +31,9 @@ from pydantic import SecretStr
 
 from ..redis_client import connect_redis
 from ..routing import DkimKey, RoutingStore, RoutingTable
+from ..routing.dkim_keys import generate
 from ..settings import CommonSettings
-from .devcert import ensure_dkim_key, ensure_self_signed
+from .devcert import ensure_self_signed
 from .routing_cmd import read_routing_file
 
 READY_TIMEOUT = 30.0
@@ -161,7 +162,7 @@ class DevStack:
         domains = []
         for domain in table.domains:
             if not domain.dkim:
-                pem = ensure_dkim_key(self.run_dir / "dkim" / f"{domain.name}.pem")
+                pem = _dev_key(self.run_dir / "dkim" / f"{domain.name}.pem")
                 key = DkimKey(selector="dev", algorithm="rsa-sha256", private_key=SecretStr(pem))
                 domain = domain.model_copy(update={"dkim": [key]})
                 _say(f"dkim     {domain.name} signs with selector dev (key in {self.run_dir}/dkim)")
@@ -242,6 +243,15 @@ Mail lands in {self.run_dir}/mail/example.test/alice/new/. In another terminal:
 
 Ctrl-C stops everything.
 """, flush=True)  # fmt: skip
+
+
+def _dev_key(path: Path) -> str:
+    """The RSA DKIM key at `path`, made on first use (owner-only)."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(generate("rsa-sha256"))
+    return path.read_text()
 
 
 def _say(message: str) -> None:

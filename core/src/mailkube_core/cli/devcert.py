@@ -8,7 +8,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 
@@ -53,18 +53,3 @@ def ensure_self_signed(cert_file: Path, key_file: Path, days: int = 365) -> bool
     )
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return True
-
-
-def ensure_dkim_key(path: Path) -> str:
-    """A 2048-bit RSA DKIM key (PKCS#8 PEM) at `path`, made on first use; its text."""
-    if path.exists():
-        return path.read_text()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode()  # fmt: skip
-    path.touch(mode=0o600)
-    path.write_text(pem)
-    return pem
