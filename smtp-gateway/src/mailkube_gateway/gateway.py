@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mailkube_core.queue import Queue
 from mailkube_core.redis_client import RedisClient
@@ -32,8 +32,8 @@ class Gateway:
     certs: CertificateStore | None
     pipeline: Pipeline = field(default_factory=Pipeline)
     sessions: set[GatewaySMTP] = field(default_factory=set)
-    #: small tasks that must not be garbage-collected before they finish (lease releases)
-    background: set[asyncio.Task[None]] = field(default_factory=set)
+    #: small tasks that must not be garbage-collected before they finish (connection leases)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
     stopping: bool = False
     authenticator: Authenticator = field(init=False)
     _closed: asyncio.Event = field(default_factory=asyncio.Event)

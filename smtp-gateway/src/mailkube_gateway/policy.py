@@ -31,6 +31,7 @@ from .headers import (
 )
 from .params import MailParams, RcptParams
 from .pipeline import Action, Message
+from .ratelimit import SenderRate
 from .received import protocol_type, received_header
 from .relay import Path, RelayVerdict, relay_verdict
 
@@ -54,6 +55,8 @@ REDIS_ERRORS = (RedisError, TimeoutError, OSError)
 class Transaction:
     mail_from: str
     params: MailParams
+    #: counted against its rate with the first accepted recipient, then None
+    sender: SenderRate | None
     recipients: list[Recipient] = field(default_factory=list)
     #: normalised recipient addresses, to drop duplicates
     seen: set[str] = field(default_factory=set)
@@ -65,19 +68,38 @@ class Policy:
         self.gateway = gateway
         self.settings = gateway.settings
         self.session = session
-        self._counted = False
+        #: the connection lease on its way, until the first command waits for it
+        self.admitting: asyncio.Task[bool] | None = None
         self._leased = False
+        self._gone = False
 
     # --- connection ---------------------------------------------------------------------
 
-    async def admit(self) -> str | None:
-        """None to greet the client, else the 421 to close with."""
-        session = self.session
+    def admit(self) -> str | None:
+        """None to greet the client at once, else the 421 to close with.
+
+        The client address's connection lease is asked for meanwhile: its Redis round trip
+        runs while the greeting travels and the client answers it, instead of before the
+        greeting. No command runs until the answer is in (`admitted`); a client over its
+        limit gets `421 4.7.0` (RFC 5321 §3.8: the server may close with 421 at any time)."""
         if self.gateway.stopping:
             return replies.SHUTTING_DOWN
         if len(self.gateway.sessions) > self.settings.max_connections:
             _connections.add(1, {"outcome": "busy"})
             return replies.SERVER_BUSY
+        lease = asyncio.get_running_loop().create_task(self._lease())
+        self.admitting = lease
+        self.gateway.background.add(lease)  # it may outlive the session
+        lease.add_done_callback(self.gateway.background.discard)
+        return None
+
+    async def admitted(self) -> bool:
+        """Whether the connection may go on (the lease is held, or Redis could not say)."""
+        lease, self.admitting = self.admitting, None
+        return True if lease is None else await lease
+
+    async def _lease(self) -> bool:
+        session = self.session
         try:
             # a lease outlives any idle session (the read timeout closes those first)
             lease = self.settings.read_timeout * 2 + self.settings.shutdown_grace
@@ -86,18 +108,21 @@ class Policy:
                 lease,
             )  # fmt: skip
         except REDIS_ERRORS as error:
-            # fail open: without Redis nothing can be queued anyway (451 at MAIL)
+            # fail open: without Redis nothing can be queued anyway (451 at RCPT)
             log.warning("connection limit unavailable", extra={"error": repr(error)})
-            held = True
-        else:
-            self._leased = held
+            return True
         if not held:
             _connections.add(1, {"outcome": "per_ip_limit"})
-            return replies.TOO_MANY_CONNECTIONS
+            session.close_with(replies.TOO_MANY_CONNECTIONS)
+            return False
         _connections.add(1, {"outcome": "accepted"})
-        return None
+        self._leased = True
+        if self._gone:  # the client left while the lease was on its way
+            self.release()
+        return True
 
     def release(self) -> None:
+        self._gone = True
         if self._leased:
             self._leased = False
             task = asyncio.get_running_loop().create_task(self._release())
@@ -132,16 +157,12 @@ class Policy:
             user is None or user.suspended or not snapshot.may_send_as(user, path.address)
         ):
             return replies.NOT_OWNER
-        identity = auth_user or session.client_ip
-        try:
-            allowed = await self.gateway.limits.allow_message(
-                "sender", identity, self._sender_limit(user)
-            )
-        except REDIS_ERRORS:
-            return replies.TEMP_FAILURE
-        if not allowed:
-            return replies.SENDER_RATE
-        session.txn = Transaction("" if path is None else path.address, params)
+        # The sender's rate is asked for with the first recipient's checks, in the same
+        # round trip, and refused there (450 4.7.1 at RCPT), as Postfix's smtpd_delay_reject
+        # refuses at RCPT what it decides about the client and sender: MAIL waits for no
+        # Redis, and a transaction no recipient was accepted for counts as no message.
+        sender = SenderRate(auth_user or session.client_ip, self._sender_limit(user))
+        session.txn = Transaction("" if path is None else path.address, params, sender)
         return replies.SENDER_OK
 
     # --- RCPT ---------------------------------------------------------------------------
@@ -198,15 +219,18 @@ class Policy:
             return replies.RECIPIENT_OK
         quota = user.quota if user is not None else None
         try:
-            allowed, under_quota = await self.gateway.limits.admit_recipient(
-                key, self.settings.max_recipient_messages_per_minute, quota
+            verdict = await self.gateway.limits.admit_recipient(
+                key, self.settings.max_recipient_messages_per_minute, quota, txn.sender
             )
         except REDIS_ERRORS:
             return replies.TEMP_FAILURE
-        if not under_quota:
+        if not verdict.sender_ok:
+            return replies.SENDER_RATE
+        if not verdict.under_quota:
             return replies.OVER_QUOTA
-        if not allowed:
+        if not verdict.rate_ok:
             return replies.RECIPIENT_RATE
+        txn.sender = None
         txn.seen.add(key)
         txn.recipients.append(Recipient(address=address, notify=params.notify, orcpt=params.orcpt))
         return replies.RECIPIENT_OK

@@ -30,6 +30,8 @@ import asyncio
 import collections
 import hashlib
 import math
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -105,6 +107,25 @@ return n
 """
 
 
+@dataclass(frozen=True, slots=True)
+class SenderRate:
+    """Who a message is counted against, and how many per minute it may send."""
+
+    identity: str
+    per_minute: int
+
+
+@dataclass(frozen=True, slots=True)
+class RecipientVerdict:
+    rate_ok: bool
+    under_quota: bool
+    sender_ok: bool = True
+
+    @property
+    def accepted(self) -> bool:
+        return self.rate_ok and self.under_quota and self.sender_ok
+
+
 def _ms(duration: timedelta) -> int:
     return max(1, math.ceil(duration.total_seconds() * 1000))
 
@@ -149,20 +170,39 @@ class Limits:
         return int(wait) == 0
 
     async def admit_recipient(
-        self, address: str, per_minute: int, quota: int | None
-    ) -> tuple[bool, bool]:
-        """(within the recipient's rate, mailbox under `quota`) for one more message to
-        `address`, both asked in one round trip. A message refused for the quota is not
-        counted against the rate."""
-        if quota is None:
-            return await self.allow_message("rcpt", address, per_minute), True
-        allowed, used = await asyncio.gather(
-            self.allow_message("rcpt", address, per_minute), self.mailbox_bytes(address)
+        self,
+        address: str,
+        per_minute: int,
+        quota: int | None,
+        sender: SenderRate | None = None,
+    ) -> RecipientVerdict:
+        """May one more message go to `address`: within its rate and its mailbox under
+        `quota` and, for a transaction's first recipient, `sender` within its own rate? All
+        asked together, in one round trip (the scripts go down the connection in one write).
+        Whatever was counted for a refused recipient is given back."""
+        checks: list[Awaitable[Any]] = [self.allow_message("rcpt", address, per_minute)]
+        if quota is not None:
+            checks.append(self.mailbox_bytes(address))
+        if sender is not None:
+            checks.append(self.allow_message("sender", sender.identity, sender.per_minute))
+        # one check needs no task around it (the usual case: no quota, not the first)
+        results = [await checks[0]] if len(checks) == 1 else await asyncio.gather(*checks)
+        verdict = RecipientVerdict(
+            rate_ok=results[0],
+            under_quota=quota is None or results[1] < quota,
+            sender_ok=sender is None or results[-1],
         )
-        under_quota = used < quota
-        if allowed and not under_quota:
-            await self._refund(keys=[self._rate_key("rcpt", address)], args=[60000 / per_minute])
-        return allowed, under_quota
+        if not verdict.accepted:
+            refunds = []
+            if verdict.rate_ok:
+                refunds.append(self._give_back("rcpt", address, per_minute))
+            if sender is not None and verdict.sender_ok:
+                refunds.append(self._give_back("sender", sender.identity, sender.per_minute))
+            await asyncio.gather(*refunds)
+        return verdict
+
+    async def _give_back(self, kind: str, identity: str, per_minute: int) -> None:
+        await self._refund(keys=[self._rate_key(kind, identity)], args=[60000 / per_minute])
 
     # --- connections --------------------------------------------------------------------
 

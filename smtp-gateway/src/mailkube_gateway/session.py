@@ -245,7 +245,10 @@ class GatewaySMTP(SMTP):
             if not await self._admit():
                 return
         await self.push(f"220 {self.hostname} {IDENT}")
-        await self._command_loop()
+        # the connection lease was asked for before the greeting went out; no command is
+        # read before it is known (a client over its limit has been told 421 and dropped)
+        if await self.policy.admitted():
+            await self._command_loop()
 
     async def _read_proxy(self) -> bool:
         """The PROXY header of a trusted proxy, within proxy_protocol_timeout."""
@@ -326,7 +329,7 @@ class GatewaySMTP(SMTP):
                 finally:
                     self.busy = False
                 if self.stop_requested:
-                    self._write_final(replies.SHUTTING_DOWN)
+                    self.close_with(replies.SHUTTING_DOWN)
             except (asyncio.CancelledError, ConnectionResetError):
                 self._writer.close()
                 raise
@@ -343,7 +346,7 @@ class GatewaySMTP(SMTP):
                     await self.push(status)
 
     async def _admit(self) -> bool:
-        reply = await self.policy.admit()
+        reply = self.policy.admit()
         if reply is None:
             return True
         await self.push(reply)
@@ -452,9 +455,9 @@ class GatewaySMTP(SMTP):
     def request_stop(self) -> None:
         self.stop_requested = True
         if not self.busy and self.transport is not None:
-            self._write_final(replies.SHUTTING_DOWN)
+            self.close_with(replies.SHUTTING_DOWN)
 
-    def _write_final(self, reply: str) -> None:
+    def close_with(self, reply: str) -> None:
         """Say a last thing and hang up, without waiting for the client to read it."""
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(reply.encode() + b"\r\n")  # type: ignore[attr-defined]
@@ -481,7 +484,7 @@ class GatewaySMTP(SMTP):
     def _timeout_cb(self) -> None:
         # RFC 5321 §4.5.3.2: say why before closing
         log.info("session timed out", extra={"client_ip": self.client_ip})
-        self._write_final(replies.TIMEOUT)
+        self.close_with(replies.TIMEOUT)
 
     def unread(self, data: bytes) -> None:
         """Give bytes read past the end of DATA back to the command loop (pipelining)."""
@@ -498,7 +501,7 @@ class GatewaySMTP(SMTP):
             self.errors += 1
             if self.errors >= self.gateway.settings.max_errors:
                 log.info("too many errors", extra={"client_ip": self.client_ip})
-                self._write_final(f"{reply}\r\n{replies.TOO_MANY_ERRORS}")
+                self.close_with(f"{reply}\r\n{replies.TOO_MANY_ERRORS}")
                 return
         if self.transport is None or self.transport.is_closing():
             return
@@ -708,7 +711,7 @@ class GatewaySMTP(SMTP):
         authenticator = self.gateway.authenticator
         try:
             if await authenticator.locked_out(self.client_ip):
-                self._write_final(replies.AUTH_LOCKED)
+                self.close_with(replies.AUTH_LOCKED)
                 return
             credentials = await self._credentials(mechanism, args[1] if len(args) > 1 else None)
             if credentials is None:
@@ -724,7 +727,7 @@ class GatewaySMTP(SMTP):
             self.session.auth_data = user  # type: ignore[assignment]
             await self.push(replies.AUTH_OK)
         elif outcome is AuthOutcome.LOCKED:
-            self._write_final(replies.AUTH_LOCKED)
+            self.close_with(replies.AUTH_LOCKED)
         else:
             await self.push(replies.AUTH_FAILED)
 

@@ -20,7 +20,7 @@ from redis.exceptions import ResponseError
 from redis_servers import RedisServer
 
 from mailkube_core.mailbox import BYTES_FIELD, mailbox_key
-from mailkube_gateway.ratelimit import Limits, MultiplexedRedis, multiplexed
+from mailkube_gateway.ratelimit import Limits, MultiplexedRedis, SenderRate, multiplexed
 
 # spins for ARGV[1] microseconds of Redis time (a command that is surely in flight)
 _SPIN = """
@@ -158,15 +158,49 @@ async def test_a_recipient_refused_for_its_quota_is_not_counted_against_its_rate
     try:
         await limits.redis.hset(mailbox_key("t", "full@x.test"), BYTES_FIELD, 5000)
         for _ in range(3):
-            assert await limits.admit_recipient("full@x.test", 2, quota=1000) == (True, False)
+            assert await verdict(limits, "full@x.test", 2, 1000) == (True, False)
         await limits.redis.hset(mailbox_key("t", "full@x.test"), BYTES_FIELD, 10)
         # the two messages a minute are all still there
-        assert await limits.admit_recipient("full@x.test", 2, quota=1000) == (True, True)
-        assert await limits.admit_recipient("full@x.test", 2, quota=1000) == (True, True)
-        assert await limits.admit_recipient("full@x.test", 2, quota=1000) == (False, True)
+        assert await verdict(limits, "full@x.test", 2, 1000) == (True, True)
+        assert await verdict(limits, "full@x.test", 2, 1000) == (True, True)
+        assert await verdict(limits, "full@x.test", 2, 1000) == (False, True)
         # no quota: no mailbox read, only the rate
-        assert await limits.admit_recipient("free@x.test", 1, quota=None) == (True, True)
-        assert await limits.admit_recipient("free@x.test", 1, quota=None) == (False, True)
+        assert await verdict(limits, "free@x.test", 1, None) == (True, True)
+        assert await verdict(limits, "free@x.test", 1, None) == (False, True)
+    finally:
+        await limits.redis.aclose()
+
+
+async def verdict(
+    limits: Limits,
+    address: str,
+    per_minute: int,
+    quota: int | None,
+    sender: SenderRate | None = None,
+) -> tuple[bool, ...]:
+    """(rate ok, under quota), and sender ok when a sender is asked about."""
+    answer = await limits.admit_recipient(address, per_minute, quota, sender)
+    if sender is None:
+        return answer.rate_ok, answer.under_quota
+    return answer.rate_ok, answer.under_quota, answer.sender_ok
+
+
+async def test_the_senders_rate_is_asked_with_the_first_recipient_and_refunded_with_it(
+    redis_url: str,
+) -> None:
+    limits = Limits(multiplexed(Redis.from_url(redis_url)), "t")
+    bob = SenderRate("bob@x.test", 2)
+    try:
+        await limits.redis.hset(mailbox_key("t", "full@x.test"), BYTES_FIELD, 5000)
+        # a recipient refused (quota) gives the sender's count back: bob still has two
+        for _ in range(3):
+            assert await verdict(limits, "full@x.test", 5, 1000, bob) == (True, False, True)
+        assert await verdict(limits, "a@x.test", 5, None, bob) == (True, True, True)
+        assert await verdict(limits, "b@x.test", 5, None, bob) == (True, True, True)
+        # bob over his rate: the recipient's count is given back, so c@ still has its one
+        assert await verdict(limits, "c@x.test", 1, None, bob) == (True, True, False)
+        assert await verdict(limits, "c@x.test", 1, None) == (True, True)
+        assert await verdict(limits, "c@x.test", 1, None) == (False, True)
     finally:
         await limits.redis.aclose()
 
@@ -229,8 +263,8 @@ async def test_limits_on_a_redis_cluster(redis_cluster: Any) -> None:
         assert not await limits.allow_message("sender", "1.2.3.4", 1)
         await cluster.hset(mailbox_key(prefix, "a@x.test"), BYTES_FIELD, 50)
         # rate and mailbox live in different slots
-        assert await limits.admit_recipient("a@x.test", 5, quota=10) == (True, False)
-        assert await limits.admit_recipient("a@x.test", 5, quota=100) == (True, True)
+        assert await verdict(limits, "a@x.test", 5, 10) == (True, False)
+        assert await verdict(limits, "a@x.test", 5, 100) == (True, True)
         assert await limits.acquire_connection("1.2.3.4", "x", 1, timedelta(minutes=1))
         assert not await limits.acquire_connection("1.2.3.4", "y", 1, timedelta(minutes=1))
         await limits.release_connection("1.2.3.4", "x")
