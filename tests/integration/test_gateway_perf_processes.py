@@ -8,6 +8,7 @@ is a socket inode, held open by exactly one of the two processes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 from pathlib import Path
@@ -164,3 +165,35 @@ def _gone(pid: int) -> bool:
     except OSError:
         return True
     return state in ("Z", "X")
+
+
+async def test_the_other_processes_stop_when_the_first_is_killed(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """SIGKILL leaves the first process no chance to pass anything on: the others must not
+    stay behind, orphaned, serving on the ports (they follow it by PR_SET_PDEATHSIG)."""
+    await apply_routing(redis_url)
+    tls = make_tls(tmp_path / "tls")
+    gateway = start_gateway_process(redis_url, tls, MAILKUBE_PROCESSES="3")
+    others: set[int] = set()
+    try:
+
+        async def all_three() -> set[int] | None:
+            pids = listening_pids(gateway)
+            return pids if len(pids) == 3 else None
+
+        listening = await eventually(all_three, timeout=30)
+        assert listening is not None
+        others = listening - {gateway.process.pid}
+        gateway.process.kill()
+        await asyncio.to_thread(gateway.process.wait, 10)
+
+        async def orphans_gone() -> bool:
+            return all(_gone(pid) for pid in others)
+
+        await eventually(orphans_gone, timeout=30)
+    finally:
+        for pid in others:  # orphans would hold the stderr pipe open: the stop would hang
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stop_gateway_process(gateway)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,8 +36,10 @@ from .session import GatewaySMTP
 from .tls import CertificateStore
 
 log = logging.getLogger(__name__)
-#: set in the extra processes `processes` starts, which share the listeners of the first
+#: set in the extra processes `processes` starts, which share the listeners of the first:
+#: the first one's pid
 CHILD_ENV = "MAILKUBE_GATEWAY_CHILD"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _redis_check(redis: RedisClient) -> Callable[[], Awaitable[bool]]:
@@ -50,11 +54,26 @@ def _start_children(settings: GatewaySettings) -> list[subprocess.Popen[bytes]]:
     kernel spreads connections over them. They have no telemetry server of their own."""
     if settings.processes <= 1 or os.environ.get(CHILD_ENV):
         return []
-    env = {**os.environ, CHILD_ENV: "1", "MAILKUBE_TELEMETRY_LISTEN": ""}
+    env = {**os.environ, CHILD_ENV: str(os.getpid()), "MAILKUBE_TELEMETRY_LISTEN": ""}
     return [
         subprocess.Popen([sys.executable, "-m", "mailkube_gateway"], env=env)
         for _ in range(settings.processes - 1)
     ]
+
+
+def _stop_with_parent() -> None:
+    """In an extra process: SIGTERM (a graceful stop) when the first process dies, however it
+    dies, SIGKILL included, so that no orphan keeps serving on its ports. Linux's
+    PR_SET_PDEATHSIG, set by the child itself (a preexec_fn in the parent is unsafe with
+    threads), then a check that the parent did not die before it was set."""
+    parent = os.environ.get(CHILD_ENV)
+    if not parent or not parent.isdigit():
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        log.warning("cannot follow the first process", extra={"errno": ctypes.get_errno()})
+    if os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]], grace: float) -> None:
@@ -169,6 +188,7 @@ class GatewayApp:
 async def serve(settings: GatewaySettings, service: Service) -> None:
     # aiosmtpd logs every command at INFO: far too much for production, and slow
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    _stop_with_parent()
     app = GatewayApp(settings)
     service.health.add_readiness_check("redis", _redis_check(app.redis))
     service.health.add_readiness_check("listeners", app.ready)
