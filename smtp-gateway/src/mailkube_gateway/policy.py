@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 from mailkube_core.addresses import normalize_address
 from mailkube_core.queue import Envelope, Recipient
 from mailkube_core.routing import User
-from mailkube_core.telemetry import inject_trace_context
+from mailkube_core.telemetry import Tally, inject_trace_context
 
 from . import replies
 from .data import DataResult, DataStatus
@@ -41,12 +41,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("mailkube.gateway")
 _meter = metrics.get_meter("mailkube.gateway")
-_messages = _meter.create_counter(
-    "mailkube.gateway.messages", unit="{message}", description="Messages by listener and outcome"
-)
-_connections = _meter.create_counter(
-    "mailkube.gateway.connections", unit="{connection}", description="Connections by outcome"
-)
+_messages = Tally(
+    _meter, "mailkube.gateway.messages", unit="{message}",
+    description="Messages by listener and outcome",
+)  # fmt: skip
+_connections = Tally(
+    _meter, "mailkube.gateway.connections", unit="{connection}",
+    description="Connections by outcome",
+)  # fmt: skip
 #: Redis trouble of any kind: the answer is 4xx, never a lost message
 REDIS_ERRORS = (RedisError, TimeoutError, OSError)
 

@@ -19,7 +19,7 @@ AOF alone starts every window afresh, as Postfix's anvil does when it restarts.
 
 `multiplexed()` gives a standalone client whose hot-path commands (EVALSHA, GET, HGET, ZREM)
 from every session of the process go down one connection: the commands of one event-loop turn
-in one write, the replies matched in order (what other clients call auto-pipelining). Redis
+in one write at its end, the replies matched in order (what other clients call auto-pipelining). Redis
 runs them one by one as always; the process saves a pool checkout, a syscall pair and the
 client's bookkeeping per command, and Redis reads many commands per wake-up.
 """
@@ -264,18 +264,17 @@ class _Connection(asyncio.Protocol):
         self.closed = False
 
     def send(self, request: bytes, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
-        """The first request of an event-loop turn goes out at once (no added latency when
-        the process is quiet); the ones after it in the same turn go out together at its
-        end (one write for many sessions when it is busy)."""
+        """The requests of one event-loop turn go out together, in one write at its end:
+        from many sessions when the process is busy, and the commands one session sends
+        at once (a recipient's checks) even when it is quiet. Redis then reads them in one
+        wake-up and answers them in one write. The wait is one turn of the loop."""
         future = loop.create_future()
         if self.closed or self.transport.is_closing():
             future.set_exception(RedisConnectionError("Redis connection closing"))
             return future
         self.waiting.append(future)
-        if self.turn_open:
-            self.outgoing.append(request)
-        else:
-            self.transport.write(request)
+        self.outgoing.append(request)
+        if not self.turn_open:
             self.turn_open = True
             loop.call_soon(self._flush)
         return future

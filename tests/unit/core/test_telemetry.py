@@ -558,3 +558,36 @@ def test_no_span_no_context(telemetry: Telemetry) -> None:
     assert a.parent is None
     assert b.parent is None
     assert a.get_span_context().trace_id != b.get_span_context().trace_id
+
+
+def test_a_tally_exports_the_cumulative_sum_of_each_attribute_set() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from mailkube_core.telemetry import Tally
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    tally = Tally(provider.get_meter("t"), "t.messages", unit="{message}", description="d")
+
+    def exported() -> dict[tuple[tuple[str, str], ...], tuple[int, bool]]:
+        data = reader.get_metrics_data()
+        assert data is not None
+        (metric,) = data.resource_metrics[0].scope_metrics[0].metrics
+        assert metric.name == "t.messages"
+        return {
+            tuple(sorted(point.attributes.items())): (point.value, metric.data.is_monotonic)
+            for point in metric.data.data_points
+        }
+
+    tally.add(1, {"listener": "mx", "outcome": "queued"})
+    tally.add(2, {"listener": "mx", "outcome": "queued"})
+    tally.add(1, {"listener": "submission", "outcome": "queued"})
+    assert exported() == {
+        (("listener", "mx"), ("outcome", "queued")): (3, True),
+        (("listener", "submission"), ("outcome", "queued")): (1, True),
+    }
+    tally.add(1, {"listener": "mx", "outcome": "queued"})
+    assert exported()[(("listener", "mx"), ("outcome", "queued"))] == (4, True)
+    assert tally.value({"listener": "mx", "outcome": "queued"}) == 4
+    provider.shutdown()

@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_client import RedisClient
 from ..settings import CommonSettings, WorkerSettings
+from ..telemetry.tally import Tally
 from . import scripts
 from .envelope import LANES, Envelope, Lane, RecipientResult, RecipientStatus, utcnow
 from .keys import GROUP, PartitionKeys, new_message_id, partition_of
@@ -33,8 +34,8 @@ log = logging.getLogger(__name__)
 
 # The API's proxy meter binds these to the process's provider once run_service sets it up.
 _meter = metrics.get_meter("mailkube.queue")
-_enqueued = _meter.create_counter(
-    "mailkube.queue.enqueued", unit="{message}", description="Messages queued, by lane"
+_enqueued = Tally(
+    _meter, "mailkube.queue.enqueued", unit="{message}", description="Messages queued, by lane"
 )
 _settled = _meter.create_counter(
     "mailkube.queue.settled", unit="{message}", description="Settlements, by lane and outcome"

@@ -21,11 +21,13 @@ from .checks import Check
 from .health import HealthServer
 from .logs import setup_logging
 from .propagation import extract_trace_context, inject_trace_context
+from .tally import Tally
 
 __all__ = [
     "DEFAULT_VERSION",
     "Check",
     "HealthServer",
+    "Tally",
     "Telemetry",
     "extract_trace_context",
     "inject_trace_context",
