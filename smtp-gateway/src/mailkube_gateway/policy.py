@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
+import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -62,7 +62,8 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     #: normalised recipient addresses, to drop duplicates
     seen: set[str] = field(default_factory=set)
-    id: str = field(default_factory=lambda: secrets.token_hex(6).upper())
+    #: for logs and the Received field: unique enough, not secret (see queue.keys)
+    id: str = field(default_factory=lambda: f"{random.getrandbits(48):012X}")
 
 
 class Policy:

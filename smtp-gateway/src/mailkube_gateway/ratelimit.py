@@ -19,9 +19,10 @@ AOF alone starts every window afresh, as Postfix's anvil does when it restarts.
 
 `multiplexed()` gives a standalone client whose hot-path commands (EVALSHA, GET, HGET, ZREM)
 from every session of the process go down one connection: the commands of one event-loop turn
-in one write at its end, the replies matched in order (what other clients call auto-pipelining). Redis
-runs them one by one as always; the process saves a pool checkout, a syscall pair and the
-client's bookkeeping per command, and Redis reads many commands per wake-up.
+in one write at its end, the replies matched in order (what other clients call
+auto-pipelining). Redis runs them one by one as always; the process saves a pool checkout, a
+syscall pair and the client's bookkeeping per command, and Redis reads many commands per
+wake-up.
 """
 
 from __future__ import annotations

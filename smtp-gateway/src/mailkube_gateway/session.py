@@ -28,8 +28,8 @@ import binascii
 import contextlib
 import ipaddress
 import logging
+import random
 import re
-import secrets
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -162,7 +162,7 @@ class GatewaySMTP(SMTP):
         self._smtp_methods = {}
         self._enforce_call_limit = False
         # connection state (kept across STARTTLS)
-        self.connection_id = secrets.token_hex(8)
+        self.connection_id = f"{random.getrandbits(64):016x}"  # unique, not secret
         self.client_ip = "unknown"
         self.client_port = 0
         self.txn: Transaction | None = None
