@@ -38,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
+from dns_server import DnsServer  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 from redis_servers import RedisServer  # noqa: E402
 
@@ -48,6 +49,15 @@ from mailkube_core.routing import Domain, RoutingStore, RoutingTable, User  # no
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
 SMTP_SINK = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
 RECIPIENT = "rcpt@example.test"
+#: the sender's domain for --auth-checks: smtp-source's MAIL FROM and From are sender@bench.test,
+#: so SPF passes and DMARC passes aligned; long TTLs, as the gateway's cache would keep them
+BENCH_ZONE = """
+@       3600 IN SOA ns.bench.test. hostmaster.bench.test. 1 3600 600 86400 3600
+@       3600 IN NS  ns
+ns      3600 IN A   127.0.0.1
+@       3600 IN TXT "v=spf1 ip4:127.0.0.1 -all"
+_dmarc  3600 IN TXT "v=DMARC1; p=reject"
+"""
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -183,7 +193,12 @@ class Stack:
     """A private Redis (AOF always) and a gateway on it, every process listening."""
 
     def __init__(
-        self, tmp: Path, name: str, processes: int, redis_config: dict[str, str] | None = None
+        self,
+        tmp: Path,
+        name: str,
+        processes: int,
+        redis_config: dict[str, str] | None = None,
+        auth_dns: DnsServer | None = None,
     ) -> None:
         self.processes = processes
         self.redis = RedisServer(
@@ -199,12 +214,16 @@ class Stack:
             "MAILKUBE_TELEMETRY_LISTEN": f"127.0.0.1:{health_port}",
             "MAILKUBE_PROCESSES": str(processes), "MAILKUBE_LOG_LEVEL": "WARNING",
             # the peers check no SPF, DKIM or DMARC either: this measures acceptance
-            "MAILKUBE_INBOUND_AUTH_CHECKS": "false",
+            # (--auth-checks turns them on, against BENCH_ZONE on a loopback DNS server)
+            "MAILKUBE_INBOUND_AUTH_CHECKS": "false" if auth_dns is None else "true",
             # the benchmark sends far more than a real sender may
             "MAILKUBE_MAX_MESSAGES_PER_MINUTE": "10000000",
             "MAILKUBE_MAX_RECIPIENT_MESSAGES_PER_MINUTE": "10000000",
             "MAILKUBE_MAX_CONNECTIONS_PER_IP": "1000",
         })  # fmt: skip
+        if auth_dns is not None:
+            env.update({"MAILKUBE_DNS_NAMESERVERS": auth_dns.host,
+                        "MAILKUBE_DNS_PORT": str(auth_dns.port)})  # fmt: skip
         cert, key = tmp / "tls/cert.pem", tmp / "tls/key.pem"
         ensure_self_signed(cert, key)
         env.update({"MAILKUBE_TLS_CERT_FILE": str(cert), "MAILKUBE_TLS_KEY_FILE": str(key)})
@@ -240,9 +259,16 @@ class Stack:
 
 
 def gateway_cell(
-    tmp: Path, sessions: int, size: int, messages: int, processes: int, runs: int, warmup: int
+    tmp: Path,
+    sessions: int,
+    size: int,
+    messages: int,
+    processes: int,
+    runs: int,
+    warmup: int,
+    auth_dns: DnsServer | None,
 ) -> dict[str, float]:
-    stack = Stack(tmp, f"{sessions}-{size}-{processes}", processes)
+    stack = Stack(tmp, f"{sessions}-{size}-{processes}", processes, auth_dns=auth_dns)
     try:
         if warmup:
             smtp_source(stack.smtp_port, sessions, warmup, 2048)
@@ -317,6 +343,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="timed runs per cell (median)")
     parser.add_argument("--warmup", type=int, default=300, help="messages before timing")
     parser.add_argument("--serve", action="store_true", help="start one stack and wait")
+    parser.add_argument(
+        "--auth-checks",
+        action="store_true",
+        help="SPF, DKIM and DMARC checks on, against a loopback DNS server (bench.test: SPF "
+        "pass for 127.0.0.1, DMARC p=reject; the messages are unsigned)",
+    )
     args = parser.parse_args()
     processes = [int(p) for p in args.processes.split(",")]
     if args.serve:
@@ -336,6 +368,10 @@ def main() -> None:
         f" | x{p}: {'msg/s':>6} {'gw ms':>5} {'redis':>5} {'busy':>4} {'RSS':>6}" for p in processes
     )
     print(header)
+    print(f"checks:   SPF, DKIM, DMARC {'on' if args.auth_checks else 'off'}")
+    auth_dns = DnsServer().start() if args.auth_checks else None
+    if auth_dns is not None:
+        auth_dns.add_zone("bench.test", BENCH_ZONE)
     with tempfile.TemporaryDirectory(prefix="gwbench-") as tmp:
         for size in sizes:
             for count in sessions:
@@ -343,7 +379,9 @@ def main() -> None:
                 sink = sink_cell(count, size, messages, args.runs)
                 row = f"{size:>7} {count:>8} {sink:>11,.0f}"
                 for p in processes:
-                    cell = gateway_cell(Path(tmp), count, size, messages, p, args.runs, args.warmup)
+                    cell = gateway_cell(
+                        Path(tmp), count, size, messages, p, args.runs, args.warmup, auth_dns
+                    )
                     row += (
                         f" | x{p}: {cell['rate']:>6,.0f} {cell['cpu'] * 1000:>5.2f}"
                         f" {cell['redis'] * 1000:>5.2f} {cell['busy']:>4.0%}"

@@ -20,7 +20,14 @@ from redis.exceptions import ResponseError
 from redis_servers import RedisServer
 
 from mailkube_core.mailbox import BYTES_FIELD, mailbox_key
-from mailkube_gateway.ratelimit import Limits, MultiplexedRedis, SenderRate, multiplexed
+from mailkube_gateway.ratelimit import (
+    LATER,
+    Limits,
+    MultiplexedRedis,
+    SenderRate,
+    _Connection,
+    multiplexed,
+)
 
 # spins for ARGV[1] microseconds of Redis time (a command that is surely in flight)
 _SPIN = """
@@ -271,3 +278,41 @@ async def test_limits_on_a_redis_cluster(redis_cluster: Any) -> None:
         assert await limits.acquire_connection("1.2.3.4", "y", 1, timedelta(minutes=1))
     finally:
         await cluster.aclose()
+
+
+class _RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_request_nobody_waits_for_goes_out_with_the_next_urgent_one() -> None:
+    loop = asyncio.get_running_loop()
+    transport = _RecordingTransport()
+    writer = asyncio.StreamWriter(transport, asyncio.Protocol(), None, loop)
+    connection = _Connection(writer)
+
+    async def turns(count: int) -> None:
+        for _ in range(count):
+            await asyncio.sleep(0)
+
+    connection.send(b"release\r\n", loop, urgent=False)
+    await turns(3)
+    assert transport.writes == []  # held back, for company
+    connection.send(b"check-1\r\n", loop)
+    connection.send(b"check-2\r\n", loop)
+    await turns(1)
+    assert transport.writes == [b"release\r\ncheck-1\r\ncheck-2\r\n"]  # one write, in order
+    # alone, it still goes out, LATER seconds on
+    connection.send(b"release\r\n", loop, urgent=False)
+    await eventually(_async(lambda: len(transport.writes) == 2), timeout=LATER * 20)
+    assert transport.writes[1] == b"release\r\n"
