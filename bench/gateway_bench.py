@@ -361,6 +361,7 @@ def main() -> None:
     machine = platform.processor() or platform.machine()
     print(f"date:     {datetime.now(UTC):%Y-%m-%d %H:%M} UTC; nproc {os.cpu_count()}; "
           f"{machine}; load {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"checks:   SPF, DKIM, DMARC {'on' if args.auth_checks else 'off'}")
     print("columns:  msg/s (median of runs), gateway and Redis CPU ms per message, machine busy")
     sessions = [int(s) for s in args.sessions.split(",")]
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -368,7 +369,6 @@ def main() -> None:
         f" | x{p}: {'msg/s':>6} {'gw ms':>5} {'redis':>5} {'busy':>4} {'RSS':>6}" for p in processes
     )
     print(header)
-    print(f"checks:   SPF, DKIM, DMARC {'on' if args.auth_checks else 'off'}")
     auth_dns = DnsServer().start() if args.auth_checks else None
     if auth_dns is not None:
         auth_dns.add_zone("bench.test", BENCH_ZONE)

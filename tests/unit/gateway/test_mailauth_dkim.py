@@ -30,6 +30,7 @@ from mailkube_gateway.mailauth.dkim_verify import (
     MAX_SIGNATURES,
     DkimResult,
     DnsFunc,
+    has_field,
     verify_dkim,
 )
 
@@ -639,3 +640,13 @@ def _public_record_of(pem: bytes) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def test_has_field_finds_a_field_by_name_in_any_case_and_only_as_a_field() -> None:
+    header = (
+        b"From: a@x.test\r\nx-note: dkim-signature: not a field\r\n\tdkim-signature: nor this\r\n"
+    )
+    assert not has_field(header, b"dkim-signature")
+    assert has_field(header + b"DKIM-Signature : v=1\r\n", b"dkim-signature")
+    assert has_field(b"dkim-signature:v=1\r\n", b"dkim-signature")
+    assert not has_field(header + b"DKIM-Signatures: v=1\r\n", b"dkim-signature")

@@ -37,6 +37,10 @@ class ArcResult:
     reason: str
 
 
+#: a message without ARC fields
+NO_ARC = ArcResult("none", 0, "")
+
+
 def verify_arc(content: bytes, dnsfunc: DnsFunc, *, timeout: float = 5) -> ArcResult:
     try:
         arc = dkim.ARC(content, logger=DKIMPY_LOG, minkey=MIN_RSA_BITS, timeout=timeout)
@@ -45,9 +49,9 @@ def verify_arc(content: bytes, dnsfunc: DnsFunc, *, timeout: float = 5) -> ArcRe
     except Exception:
         if any(raw_fields(content, name) for name in ARC_FIELDS):
             return ArcResult("fail", 0, "message header not parseable")
-        return ArcResult("none", 0, "")
+        return NO_ARC
     if not present:
-        return ArcResult("none", 0, "")
+        return NO_ARC
     if instance == 0:
         return ArcResult("fail", 0, "ARC field without i=")
     if instance > MAX_INSTANCE:

@@ -15,21 +15,24 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from mailkube_core.routing import Domain, RoutingReader
 from mailkube_core.settings import GatewaySettings
 
 from ..headers import parse_header_section
 from ..pipeline import Action, Message, Stage, Verdict
-from .arc_verify import ArcResult, verify_arc
+from .arc_verify import ARC_FIELDS, NO_ARC, ArcResult, verify_arc
 from .dkim_sign import sign
-from .dkim_verify import DkimResult, verify_dkim
+from .dkim_verify import DkimResult, has_field, verify_dkim
 from .dmarc_check import DmarcResult, check_dmarc
 from .header_fields import field_spans, from_address, from_domain
 from .resolver import DnsResolver
 from .results_header import Clause, remove_ours, render_header
 from .spf_check import SpfResult, check_spf
 from .threads import BlockingChecks
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +107,19 @@ class InboundAuthentication(_AuthStage):
         content = message.content
         bridge = self.checks.bridge()
         timeout = self.checks.resolver.timeout
+        # dkimpy splits the whole message into lines before it looks at the header: where
+        # no field is there for it to verify, the answer (none) is known without it
+        head = content[:header_size]
+        signed = has_field(head, b"dkim-signature")
+        sealed = any(has_field(head, name) for name in ARC_FIELDS)
         spf, dkim, arc = await asyncio.gather(
             self.checks.run(check_spf, bridge, message.client_ip, message.mail_from, message.helo),
-            self.checks.run(verify_dkim, content, bridge.dkim_txt, timeout=timeout),
-            self.checks.run(verify_arc, content, bridge.dkim_txt, timeout=timeout),
+            self.checks.run(verify_dkim, content, bridge.dkim_txt, timeout=timeout)
+            if signed
+            else _ready(list[DkimResult]()),
+            self.checks.run(verify_arc, content, bridge.dkim_txt, timeout=timeout)
+            if sealed
+            else _ready(NO_ARC),
         )
         dmarc = await check_dmarc(
             self.checks.resolver, from_domain(content, header_size), spf, dkim
@@ -119,6 +131,10 @@ class InboundAuthentication(_AuthStage):
             [snapshot.domain(rcpt.rpartition("@")[2]) for rcpt in message.recipients],
         )
         return decide(policy, spf, dkim, dmarc, message.client_ip, (header,))
+
+
+async def _ready(value: T) -> T:
+    return value
 
 
 def decide(
