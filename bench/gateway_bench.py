@@ -312,14 +312,14 @@ def sink_cell(sessions: int, size: int, messages: int, runs: int) -> float:
         sink.wait(10)
 
 
-def serve(processes: int) -> None:
+def serve(processes: int, auth_dns: DnsServer | None) -> None:
     """Start Redis and a gateway, print what peers-bench's `external` server needs, and run
     until SIGINT or SIGTERM. Nobody empties the queue between runs, so the AOF is never
     rewritten automatically (a rewrite forks and copies everything, in the middle of a run;
     peers-bench rewrites its own Redis only between cells)."""
     with tempfile.TemporaryDirectory(prefix="gwbench-") as tmp:
         config = {"auto-aof-rewrite-percentage": "0"}
-        stack = Stack(Path(tmp), "serve", processes, redis_config=config)
+        stack = Stack(Path(tmp), "serve", processes, redis_config=config, auth_dns=auth_dns)
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
@@ -351,8 +351,11 @@ def main() -> None:
     )
     args = parser.parse_args()
     processes = [int(p) for p in args.processes.split(",")]
+    auth_dns = DnsServer().start() if args.auth_checks else None
+    if auth_dns is not None:
+        auth_dns.add_zone("bench.test", BENCH_ZONE)
     if args.serve:
-        serve(processes[0])
+        serve(processes[0], auth_dns)
         return
     for tool in (SMTP_SOURCE, SMTP_SINK):
         if not os.access(tool, os.X_OK):
@@ -369,9 +372,6 @@ def main() -> None:
         f" | x{p}: {'msg/s':>6} {'gw ms':>5} {'redis':>5} {'busy':>4} {'RSS':>6}" for p in processes
     )
     print(header)
-    auth_dns = DnsServer().start() if args.auth_checks else None
-    if auth_dns is not None:
-        auth_dns.add_zone("bench.test", BENCH_ZONE)
     with tempfile.TemporaryDirectory(prefix="gwbench-") as tmp:
         for size in sizes:
             for count in sessions:

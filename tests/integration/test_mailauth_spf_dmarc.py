@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from conditions import eventually
 from dns_server import DnsServer
 
 from mailkube_gateway.mailauth.dkim_verify import DkimResult
@@ -44,6 +45,26 @@ async def test_resolver_caches_answers_for_their_ttl(
         assert await resolver.txt("pass.mailauth.test.")
     asked = [q for q in dns_server.queries[before:] if q[0].startswith("pass.mailauth.test")]
     assert len(asked) == 1
+
+
+async def test_a_cached_answer_lasts_its_ttl_and_threads_read_it_without_the_loop(
+    resolver: DnsResolver, dns_server: DnsServer
+) -> None:
+    zone = '$TTL 3\n@ SOA ns hostmaster 1 3600 600 86400 3\nshort TXT "{value}"\n'
+    dns_server.add_zone("ttl.mailauth.test", zone.format(value="first"))
+    name = "short.ttl.mailauth.test."
+    assert await resolver.txt(name) == [b"first"]
+    dns_server.add_zone("ttl.mailauth.test", zone.format(value="second"))
+    # called on the loop's own thread, a bridge that had to go through the loop would block
+    # until its timeout: only the cache can answer at once
+    bridge = ThreadBridge(resolver, asyncio.get_running_loop())
+    assert bridge.dkim_txt(name.encode()) == b"first"
+
+    async def renewed() -> bool:
+        return await resolver.txt(name) == [b"second"]
+
+    await eventually(renewed, timeout=15)  # after the TTL, 3 s, not at once
+    assert resolver.cached(name, "TXT") is not None
 
 
 async def test_resolver_servfail_is_a_temporary_error(

@@ -11,6 +11,7 @@ so they share the cache and the settings too.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
@@ -23,6 +24,8 @@ import dns.resolver
 from dns.rdata import Rdata
 
 T = TypeVar("T")
+#: answers kept in DnsResolver's front cache before it starts again
+ANSWERS_KEPT = 10_000
 
 
 class DnsTempError(Exception):
@@ -40,10 +43,23 @@ class DnsResolver:
         resolver.cache = dns.resolver.LRUCache(50_000)
         self._resolver = resolver
         self.timeout = timeout
+        #: (name, type) -> (expiry on time.monotonic(), records): answers as `query` returns
+        #: them, readable from any thread without a trip through dnspython or the event loop
+        self._answers: dict[tuple[str, str], tuple[float, list[Rdata]]] = {}
+
+    def cached(self, name: str, rdtype: str) -> list[Rdata] | None:
+        """A still-valid answer `query` gave before, or None. Safe from any thread."""
+        hit = self._answers.get((name, rdtype))
+        if hit is None or hit[0] <= time.monotonic():
+            return None
+        return list(hit[1])
 
     async def query(self, name: str, rdtype: str) -> list[Rdata]:
         """The records of `rdtype` at `name`; [] when the name or the type does not exist.
         Raises DnsTempError when the answer cannot be had now."""
+        hit = self.cached(name, rdtype)
+        if hit is not None:
+            return hit
         try:
             answer = await self._resolver.resolve(
                 name, rdtype, raise_on_no_answer=False, search=False
@@ -56,11 +72,21 @@ class DnsResolver:
             return []  # not a name that can exist
         except dns.exception.DNSException as error:
             raise DnsTempError(f"{name} {rdtype}: {error.__class__.__name__}") from None
-        return list(answer.rrset or [])
+        records = list(answer.rrset or [])
+        ttl = answer.expiration - time.time()  # the records' TTL, or the SOA's when none
+        if ttl > 0:
+            if len(self._answers) >= ANSWERS_KEPT:
+                self._answers.clear()  # dnspython's own LRU cache still has them
+            self._answers[(name, rdtype)] = (time.monotonic() + ttl, records)
+        return records
 
     async def txt(self, name: str) -> list[bytes]:
         """Each TXT record at `name`, its strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
-        return [b"".join(rdata.strings) for rdata in await self.query(name, "TXT")]  # type: ignore[attr-defined]
+        return joined_txt(await self.query(name, "TXT"))
+
+
+def joined_txt(records: list[Rdata]) -> list[bytes]:
+    return [b"".join(rdata.strings) for rdata in records]  # type: ignore[attr-defined]
 
 
 class ThreadBridge:
@@ -80,12 +106,17 @@ class ThreadBridge:
             raise DnsTempError("lookup timed out") from None
 
     def query(self, name: str, rdtype: str) -> list[Rdata]:
+        hit = self.resolver.cached(name, rdtype)  # no trip to the loop and back
+        if hit is not None:
+            return hit
         return self._wait(self.resolver.query(name, rdtype))
 
     def dkim_txt(self, name: bytes, timeout: float = 5) -> bytes | None:
         """dkimpy's `dnsfunc`: the first TXT record at `name`, None if there is none."""
+        text = name.decode("ascii", "replace")
+        hit = self.resolver.cached(text, "TXT")
         try:
-            result = self._wait(self.resolver.txt(name.decode("ascii", "replace")))
+            result = joined_txt(hit) if hit is not None else self._wait(self.resolver.txt(text))
         except DnsTempError as error:
             raise dkim.DnsTimeoutError(str(error)) from None
         return result[0] if result else None
