@@ -272,9 +272,10 @@ class _Connection(asyncio.Protocol):
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         #: requests not written yet
         self.outgoing: list[bytes] = []
-        #: the write to come: at the end of this turn (a Handle) or, when only requests
-        #: nobody waits for are there, a little later (a TimerHandle)
-        self.flush: asyncio.Handle | None = None
+        #: the write to come: at the end of this turn or, when only requests nobody waits
+        #: for are there, a little later (`flush_later`)
+        self.flush: asyncio.Handle | asyncio.TimerHandle | None = None
+        self.flush_later = False
         self.closed = False
 
     def send(
@@ -297,16 +298,20 @@ class _Connection(asyncio.Protocol):
         self.outgoing.append(request)
         flush = self.flush
         if urgent:
-            if flush is None or isinstance(flush, asyncio.TimerHandle):
+            if flush is None or self.flush_later:
                 if flush is not None:
                     flush.cancel()
                 self.flush = loop.call_soon(self._flush)
+                self.flush_later = False
         elif flush is None:
+            # (a flag, not isinstance: other event loops have their own handle classes)
             self.flush = loop.call_later(LATER, self._flush)
+            self.flush_later = True
         return future
 
     def _flush(self) -> None:
         self.flush = None
+        self.flush_later = False
         if self.outgoing:
             # closing: connection_lost fails their futures
             if not self.closed and not self.transport.is_closing():
@@ -337,6 +342,7 @@ class _Connection(asyncio.Protocol):
         if self.flush is not None:
             self.flush.cancel()
             self.flush = None
+            self.flush_later = False
         self.outgoing.clear()
         reason = f"Redis connection lost: {error!r}" if error else "Redis closed the connection"
         while self.waiting:

@@ -295,10 +295,37 @@ class _RecordingTransport(asyncio.Transport):
         pass
 
 
-async def test_a_request_nobody_waits_for_goes_out_with_the_next_urgent_one() -> None:
-    loop = asyncio.get_running_loop()
+class _OwnHandles:
+    """An event loop as uvloop is one: its timer handles are not asyncio.TimerHandle."""
+
+    class Handle:
+        def __init__(self, inner: asyncio.TimerHandle) -> None:
+            self.inner = inner
+
+        def cancel(self) -> None:
+            self.inner.cancel()
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def create_future(self) -> asyncio.Future[Any]:
+        return self.loop.create_future()
+
+    def call_soon(self, callback: Any) -> Any:
+        return _OwnHandles.Handle(self.loop.call_soon(callback))  # type: ignore[arg-type]
+
+    def call_later(self, delay: float, callback: Any) -> Any:
+        return _OwnHandles.Handle(self.loop.call_later(delay, callback))
+
+
+@pytest.mark.parametrize("own_handles", [False, True], ids=["asyncio", "own-handle-classes"])
+async def test_a_request_nobody_waits_for_goes_out_with_the_next_urgent_one(
+    own_handles: bool,
+) -> None:
+    real_loop = asyncio.get_running_loop()
+    loop: Any = _OwnHandles(real_loop) if own_handles else real_loop
     transport = _RecordingTransport()
-    writer = asyncio.StreamWriter(transport, asyncio.Protocol(), None, loop)
+    writer = asyncio.StreamWriter(transport, asyncio.Protocol(), None, real_loop)
     connection = _Connection(writer)
 
     async def turns(count: int) -> None:
