@@ -71,7 +71,7 @@ class Policy:
         self.gateway = gateway
         self.settings = gateway.settings
         self.session = session
-        #: the connection lease on its way, until the first command waits for it
+        #: the connection lease on its way, until the session waits for it (`admitted`)
         self.admitting: asyncio.Task[bool] | None = None
         self._leased = False
         self._gone = False
