@@ -31,7 +31,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dns_server import DnsServer  # noqa: E402
+from gateway_harness import http_status, wait_until  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 from redis_servers import RedisServer  # noqa: E402
 
@@ -71,22 +71,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def wait_until(check: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise SystemExit(f"gateway_bench: {what} not ready within {timeout:.0f}s")
-        time.sleep(0.05)
-
-
-def http_ok(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=0.5) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
 
 
 def listening(port: int) -> bool:
@@ -230,7 +214,9 @@ class Stack:
         asyncio.run(setup_routing(self.redis.url))
         self.gateway = subprocess.Popen([sys.executable, "-m", "mailkube_gateway"], env=env)
         try:
-            wait_until(lambda: http_ok(health_port), 60, "gateway")
+            wait_until(
+                lambda: http_status(f"http://127.0.0.1:{health_port}/readyz") == 200, 60, "gateway"
+            )
             # the first process is ready before the others have imported everything: wait
             # for all, or the first ones measured are one process short and share the CPU
             # with the others' start-up

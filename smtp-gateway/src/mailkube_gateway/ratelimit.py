@@ -138,11 +138,11 @@ class Script:
         self.redis = redis
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()  # noqa: S324 - Redis's script id
+        #: how to say "nobody waits for this" to the client, if it can hold a request back
+        self._later = {NOT_URGENT: True} if isinstance(redis, MultiplexedRedis) else {}
 
     async def __call__(self, keys: list[str], args: list[Any], *, urgent: bool = True) -> Any:
-        options = (
-            {} if urgent or not isinstance(self.redis, MultiplexedRedis) else {NOT_URGENT: True}
-        )
+        options = {} if urgent else self._later
         try:
             return await self.redis.execute_command(
                 "EVALSHA", self.sha, len(keys), *keys, *args, **options
@@ -191,7 +191,8 @@ class Limits:
             checks.append(self.mailbox_bytes(address))
         if sender is not None:
             checks.append(self.allow_message("sender", sender.identity, sender.per_minute))
-        # one check needs no task around it (the usual case: no quota, not the first)
+        # one check needs no task around it (the usual case: no quota, not the first);
+        # results: the recipient's rate, then the mailbox's bytes and the sender's rate if asked
         results = [await checks[0]] if len(checks) == 1 else await asyncio.gather(*checks)
         verdict = RecipientVerdict(
             rate_ok=results[0],

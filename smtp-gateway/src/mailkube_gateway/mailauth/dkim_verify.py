@@ -227,11 +227,6 @@ class CachingDns:
         return any(isinstance(answer, Exception) for answer in self.answers.values())
 
 
-def has_field(header: bytes, name: bytes) -> bool:
-    """Whether the header section `header` has a field called `name` (any case)."""
-    return re.search(rb"(?im)^" + re.escape(name) + rb"[ \t]*:", header) is not None
-
-
 def raw_fields(content: bytes, name: bytes) -> list[bytes]:
     """The values of the header fields called `name`, found leniently (for a header dkimpy
     cannot parse)."""

@@ -14,17 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from mailkube_core.routing import Domain, RoutingReader
 from mailkube_core.settings import GatewaySettings
 
-from ..headers import parse_header_section
+from ..headers import HeaderSection, parse_header_section
 from ..pipeline import Action, Message, Stage, Verdict
 from .arc_verify import ARC_FIELDS, NO_ARC, ArcResult, verify_arc
 from .dkim_sign import sign
-from .dkim_verify import DkimResult, has_field, verify_dkim
+from .dkim_verify import DkimResult, verify_dkim
 from .dmarc_check import DmarcResult, check_dmarc
 from .header_fields import field_spans, from_address, from_domain
 from .resolver import DnsResolver
@@ -85,8 +85,9 @@ class _AuthStage:
         self.checks = checks
         self.authserv_id = settings.authserv_id or settings.hostname
 
-    def strip_forged(self, message: Message) -> int:
-        """Remove incoming fields claiming our authserv-id; the header section's size after."""
+    def strip_forged(self, message: Message) -> HeaderSection:
+        """Remove incoming fields claiming our authserv-id; the header section after it (its
+        field names as they were: only Authentication-Results fields may be gone)."""
         before = message.content
         section = parse_header_section(before, max_size=len(before))
         message.content, removed = remove_ours(before, section.size, self.authserv_id)
@@ -94,7 +95,7 @@ class _AuthStage:
             log.info("removed Authentication-Results claiming our authserv-id",
                      extra={"count": removed, "client_ip": message.client_ip})  # fmt: skip
         # only fields of the header section were removed
-        return section.size - (len(before) - len(message.content))
+        return replace(section, size=section.size - (len(before) - len(message.content)))
 
 
 class InboundAuthentication(_AuthStage):
@@ -103,15 +104,15 @@ class InboundAuthentication(_AuthStage):
     async def check(self, message: Message) -> Verdict:
         if message.listener != "mx" or message.auth_user is not None:
             return Verdict()
-        header_size = self.strip_forged(message)
+        section = self.strip_forged(message)
+        header_size = section.size
         content = message.content
         bridge = self.checks.bridge()
         timeout = self.checks.resolver.timeout
         # dkimpy splits the whole message into lines before it looks at the header: where
         # no field is there for it to verify, the answer (none) is known without it
-        head = content[:header_size]
-        signed = has_field(head, b"dkim-signature")
-        sealed = any(has_field(head, name) for name in ARC_FIELDS)
+        signed = section.count("dkim-signature") > 0
+        sealed = any(section.count(name.decode()) for name in ARC_FIELDS)
         spf, dkim, arc = await asyncio.gather(
             self.checks.run(check_spf, bridge, message.client_ip, message.mail_from, message.helo),
             self.checks.run(verify_dkim, content, bridge.dkim_txt, timeout=timeout)
@@ -236,7 +237,7 @@ class SubmissionSigning(_AuthStage):
     async def check(self, message: Message) -> Verdict:
         if message.auth_user is None:
             return Verdict()
-        header_size = self.strip_forged(message)
+        header_size = self.strip_forged(message).size
         header = render_header(
             self.authserv_id,
             [Clause("auth", "pass", properties=(("smtp.auth", message.auth_user),))],
