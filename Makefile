@@ -1,9 +1,16 @@
 # Mailkube — `make run` starts the local stack, `make test` runs lint and the whole suite.
 # Both set up what they need first: uv, the locked Python environment, redis-server,
+# redis-sentinel (its system service disabled: the tests start their own sentinels),
 # swaks with TLS (Net::SSLeay is only a Recommends of the swaks package), and Postfix's
 # smtp-sink, a fake MX host for the worker's tests (Postfix itself unconfigured and stopped),
-# OpenDKIM's opendkim-testmsg, an independent DKIM verifier for the signing tests, and ss
-# (iproute2), which shows a listening socket's backlog.
+# OpenDKIM's opendkim-testmsg, an independent DKIM verifier for the signing tests, ss
+# (iproute2), which shows a listening socket's backlog, and rspamd, the spam scanner the
+# gateway asks (its system service disabled: `make run` and the tests start their own),
+# unbound (a validating resolver, service disabled) with ldnsutils' ldns-signzone, for the
+# DANE tests' DNSSEC-signed test zone.
+# For the operator's tests against a real API server: etcd (its service disabled too), and
+# kube-apiserver + kube-controller-manager 1.20.2, built once from Debian's source package by
+# tools/build-kube-apiserver.sh (~4 min on 2 cores) and cached in ~/.cache/mailkube.
 
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -27,10 +34,18 @@ setup:
 	@pkgs=""; \
 	command -v uv >/dev/null || python3 -m pip --version >/dev/null 2>&1 || pkgs="python3-pip"; \
 	command -v redis-server >/dev/null && command -v redis-cli >/dev/null || pkgs="$$pkgs redis-server"; \
+	command -v redis-sentinel >/dev/null || pkgs="$$pkgs redis-sentinel"; \
 	swaks --support 2>&1 | grep '^=== TLS supported' >/dev/null || pkgs="$$pkgs swaks libnet-ssleay-perl"; \
 	command -v smtp-sink >/dev/null || pkgs="$$pkgs postfix"; \
 	command -v opendkim-testmsg >/dev/null || pkgs="$$pkgs opendkim-tools"; \
 	command -v ss >/dev/null || pkgs="$$pkgs iproute2"; \
+	[ -x /usr/bin/rspamd ] && [ -f /etc/rspamd/rspamd.conf ] || pkgs="$$pkgs rspamd"; \
+	command -v unbound >/dev/null && command -v unbound-anchor >/dev/null || pkgs="$$pkgs unbound"; \
+	command -v ldns-signzone >/dev/null || pkgs="$$pkgs ldnsutils"; \
+	command -v etcd >/dev/null || pkgs="$$pkgs etcd-server"; \
+	command -v dpkg-source >/dev/null || pkgs="$$pkgs dpkg-dev"; \
+	command -v rsync >/dev/null || pkgs="$$pkgs rsync"; \
+	command -v jq >/dev/null || pkgs="$$pkgs jq"; \
 	if [ -n "$$pkgs" ]; then \
 		echo "Installing Debian packages:$$pkgs"; \
 		echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
@@ -40,6 +55,26 @@ setup:
 			$(SUDO) systemctl disable --now postfix >/dev/null 2>&1 || true; \
 			$(SUDO) postfix stop >/dev/null 2>&1 || true;; \
 		esac; \
+		case "$$pkgs" in *unbound*) \
+			$(SUDO) systemctl disable --now unbound >/dev/null 2>&1 || true; \
+			$(SUDO) /etc/init.d/unbound stop >/dev/null 2>&1 || true; \
+			$(SUDO) update-rc.d unbound disable >/dev/null 2>&1 || true;; \
+		esac; \
+		case "$$pkgs" in *redis-sentinel*) \
+			$(SUDO) systemctl disable --now redis-sentinel >/dev/null 2>&1 || true; \
+			$(SUDO) /etc/init.d/redis-sentinel stop >/dev/null 2>&1 || true; \
+			$(SUDO) update-rc.d redis-sentinel disable >/dev/null 2>&1 || true;; \
+		esac; \
+		case "$$pkgs" in *rspamd*) \
+			$(SUDO) systemctl disable --now rspamd >/dev/null 2>&1 || true; \
+			$(SUDO) /etc/init.d/rspamd stop >/dev/null 2>&1 || true; \
+			$(SUDO) update-rc.d rspamd disable >/dev/null 2>&1 || true;; \
+		esac; \
+		case "$$pkgs" in *etcd-server*) \
+			$(SUDO) systemctl disable --now etcd >/dev/null 2>&1 || true; \
+			$(SUDO) /etc/init.d/etcd stop >/dev/null 2>&1 || true; \
+			$(SUDO) update-rc.d etcd disable >/dev/null 2>&1 || true;; \
+		esac; \
 	fi; \
 	if ! command -v uv >/dev/null; then \
 		echo "Installing uv with pip"; \
@@ -47,6 +82,7 @@ setup:
 		command -v uv >/dev/null || { echo "uv was installed but is not on PATH" >&2; exit 1; }; \
 	fi
 	@uv sync --frozen --quiet
+	@tools/build-kube-apiserver.sh >/dev/null
 
 run: setup
 	uv run mailkube dev
@@ -77,13 +113,17 @@ bench: setup
 	}
 	uv run python bench/queue_bench.py
 	uv run python bench/worker_bench.py
+	uv run python bench/e2e_bench.py
 
 clean:
 	rm -rf .run
 
 .PHONY: crds
+# crds/ from the operator's models, and the chart's copy of them (a test checks they are equal)
 crds: setup
 	uv run python -m mailkube_operator.crdgen
+	rm -f charts/mailkube/files/crds/*.yaml
+	cp crds/*.yaml charts/mailkube/files/crds/
 
 # Container images, one per component, built from the repository root with the committed
 # uv.lock: `make images`, or e.g. `make images IMAGE_REGISTRY=registry.example.net/mail`.

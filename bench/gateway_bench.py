@@ -9,7 +9,9 @@ that the queue holds every message it accepted, samples the peak RSS of the gate
 and reports the CPU time per message of the gateway processes and of Redis, and how busy the
 whole machine was (on a shared machine, rates move with the neighbours; CPU per message moves
 less). Email authentication (SPF, DKIM, DMARC) is off, as in the peers it is compared with:
-this measures acceptance. Nothing leaves 127.0.0.1.
+this measures acceptance. The gateway's DNS is a loopback server: the client's reverse name
+(client_rdns: record, the default) is client.bench.test, which resolves back, with long TTLs,
+as a real resolver's cache would serve a returning client. Nothing leaves 127.0.0.1.
 
     .venv/bin/python bench/gateway_bench.py                         # full grid
     .venv/bin/python bench/gateway_bench.py --sessions 10 --sizes 2048 --processes 1,2 --runs 3
@@ -43,7 +45,7 @@ from redis.asyncio import Redis  # noqa: E402
 from redis_servers import RedisServer  # noqa: E402
 
 from mailkube_core.cli.devcert import ensure_self_signed  # noqa: E402
-from mailkube_core.queue import Queue  # noqa: E402
+from mailkube_core.queue import QueueAdmin  # noqa: E402
 from mailkube_core.routing import Domain, RoutingStore, RoutingTable, User  # noqa: E402
 
 SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
@@ -57,6 +59,13 @@ BENCH_ZONE = """
 ns      3600 IN A   127.0.0.1
 @       3600 IN TXT "v=spf1 ip4:127.0.0.1 -all"
 _dmarc  3600 IN TXT "v=DMARC1; p=reject"
+client  3600 IN A   127.0.0.1
+"""
+#: the client's reverse name (the gateway looks it up for Received: and iprev)
+REVERSE_ZONE = """
+@       3600 IN SOA ns.bench.test. hostmaster.bench.test. 1 3600 600 86400 3600
+@       3600 IN NS  ns.bench.test.
+1.0.0   3600 IN PTR client.bench.test.
 """
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -168,7 +177,7 @@ async def setup_routing(url: str) -> None:
 
 async def queued(url: str) -> int:
     client = Redis.from_url(url)
-    count = (await Queue(client).stats()).messages
+    count = (await QueueAdmin(client).stats()).messages
     await client.aclose()
     return count
 
@@ -181,8 +190,10 @@ class Stack:
         tmp: Path,
         name: str,
         processes: int,
+        dns: DnsServer,
         redis_config: dict[str, str] | None = None,
-        auth_dns: DnsServer | None = None,
+        auth_checks: bool = False,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
         self.processes = processes
         self.redis = RedisServer(
@@ -199,15 +210,16 @@ class Stack:
             "MAILKUBE_PROCESSES": str(processes), "MAILKUBE_LOG_LEVEL": "WARNING",
             # the peers check no SPF, DKIM or DMARC either: this measures acceptance
             # (--auth-checks turns them on, against BENCH_ZONE on a loopback DNS server)
-            "MAILKUBE_INBOUND_AUTH_CHECKS": "false" if auth_dns is None else "true",
+            "MAILKUBE_INBOUND_AUTH_CHECKS": "true" if auth_checks else "false",
             # the benchmark sends far more than a real sender may
             "MAILKUBE_MAX_MESSAGES_PER_MINUTE": "10000000",
             "MAILKUBE_MAX_RECIPIENT_MESSAGES_PER_MINUTE": "10000000",
             "MAILKUBE_MAX_CONNECTIONS_PER_IP": "1000",
+            "MAILKUBE_DNS_NAMESERVERS": dns.host, "MAILKUBE_DNS_PORT": str(dns.port),
         })  # fmt: skip
-        if auth_dns is not None:
-            env.update({"MAILKUBE_DNS_NAMESERVERS": auth_dns.host,
-                        "MAILKUBE_DNS_PORT": str(auth_dns.port)})  # fmt: skip
+        if EVENT_LOOP:
+            env["MAILKUBE_EVENT_LOOP"] = EVENT_LOOP
+        env.update(extra_env or {})
         cert, key = tmp / "tls/cert.pem", tmp / "tls/key.pem"
         ensure_self_signed(cert, key)
         env.update({"MAILKUBE_TLS_CERT_FILE": str(cert), "MAILKUBE_TLS_KEY_FILE": str(key)})
@@ -252,9 +264,10 @@ def gateway_cell(
     processes: int,
     runs: int,
     warmup: int,
-    auth_dns: DnsServer | None,
+    dns: DnsServer,
+    auth_checks: bool,
 ) -> dict[str, float]:
-    stack = Stack(tmp, f"{sessions}-{size}-{processes}", processes, auth_dns=auth_dns)
+    stack = Stack(tmp, f"{sessions}-{size}-{processes}", processes, dns, auth_checks=auth_checks)
     try:
         if warmup:
             smtp_source(stack.smtp_port, sessions, warmup, 2048)
@@ -298,14 +311,16 @@ def sink_cell(sessions: int, size: int, messages: int, runs: int) -> float:
         sink.wait(10)
 
 
-def serve(processes: int, auth_dns: DnsServer | None) -> None:
+def serve(processes: int, dns: DnsServer, auth_checks: bool) -> None:
     """Start Redis and a gateway, print what peers-bench's `external` server needs, and run
     until SIGINT or SIGTERM. Nobody empties the queue between runs, so the AOF is never
     rewritten automatically (a rewrite forks and copies everything, in the middle of a run;
     peers-bench rewrites its own Redis only between cells)."""
     with tempfile.TemporaryDirectory(prefix="gwbench-") as tmp:
         config = {"auto-aof-rewrite-percentage": "0"}
-        stack = Stack(Path(tmp), "serve", processes, redis_config=config, auth_dns=auth_dns)
+        stack = Stack(
+            Path(tmp), "serve", processes, dns, redis_config=config, auth_checks=auth_checks
+        )
         stop = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
@@ -318,6 +333,10 @@ def serve(processes: int, auth_dns: DnsServer | None) -> None:
             stop.wait()
         finally:
             stack.stop()
+
+
+#: --event-loop: MAILKUBE_EVENT_LOOP of the gateways started (None: their default)
+EVENT_LOOP: str | None = None
 
 
 def main() -> None:
@@ -335,13 +354,18 @@ def main() -> None:
         help="SPF, DKIM and DMARC checks on, against a loopback DNS server (bench.test: SPF "
         "pass for 127.0.0.1, DMARC p=reject; the messages are unsigned)",
     )
+    parser.add_argument(
+        "--event-loop", choices=["uvloop", "asyncio"], help="the gateway's (default: its own)"
+    )
     args = parser.parse_args()
+    global EVENT_LOOP
+    EVENT_LOOP = args.event_loop
     processes = [int(p) for p in args.processes.split(",")]
-    auth_dns = DnsServer().start() if args.auth_checks else None
-    if auth_dns is not None:
-        auth_dns.add_zone("bench.test", BENCH_ZONE)
+    dns = DnsServer().start()
+    dns.add_zone("bench.test", BENCH_ZONE)
+    dns.add_zone("127.in-addr.arpa", REVERSE_ZONE)
     if args.serve:
-        serve(processes[0], auth_dns)
+        serve(processes[0], dns, args.auth_checks)
         return
     for tool in (SMTP_SOURCE, SMTP_SINK):
         if not os.access(tool, os.X_OK):
@@ -366,7 +390,15 @@ def main() -> None:
                 row = f"{size:>7} {count:>8} {sink:>11,.0f}"
                 for p in processes:
                     cell = gateway_cell(
-                        Path(tmp), count, size, messages, p, args.runs, args.warmup, auth_dns
+                        Path(tmp),
+                        count,
+                        size,
+                        messages,
+                        p,
+                        args.runs,
+                        args.warmup,
+                        dns,
+                        args.auth_checks,
                     )
                     row += (
                         f" | x{p}: {cell['rate']:>6,.0f} {cell['cpu'] * 1000:>5.2f}"

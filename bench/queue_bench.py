@@ -1,5 +1,5 @@
 """Queue throughput on this machine: enqueue, then claim + record + settle, against a private
-redis-server (ARCHITECTURE.md "Queue").
+redis-server (docs/architecture.md "Queue").
 
 For every AOF mode (`appendfsync always` / `everysec`) and message size, one run is one child
 process of this script that starts its own redis-server on a free loopback port (never 6379;
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from redis_servers import RedisServer  # noqa: E402
 
-from mailkube_core.queue import Queue  # noqa: E402
+from mailkube_core.queue import Queue, QueueAdmin  # noqa: E402
 from mailkube_core.queue.envelope import (  # noqa: E402
     Envelope,
     Recipient,
@@ -239,7 +239,7 @@ async def run_cell(spec: dict[str, Any], url: str, data_dir: Path) -> dict[str, 
             if not busy or time.monotonic() > rewrite_deadline:
                 break
             await asyncio.sleep(0.05)
-        stats = await queue.stats()
+        stats = await QueueAdmin.of(queue).stats()
         if stats.messages != count:
             raise RuntimeError(f"{stats.messages} messages queued, expected {count}")
         result["enqueue"] = {
@@ -264,7 +264,7 @@ async def run_cell(spec: dict[str, Any], url: str, data_dir: Path) -> dict[str, 
                 queue, spec["workers"], spec["batch"], spec["finish"], time.monotonic() + deadline_s
             )
         cpu1, rcpu1 = cpu_seconds(), await redis_cpu(client)
-        stats = await queue.stats()
+        stats = await QueueAdmin.of(queue).stats()
         left = stats.messages + sum(lane.ready + lane.active for lane in stats.lanes)
         if done != count or left:
             raise RuntimeError(f"claimed {done} of {count}; {left} left in the queue")
@@ -366,7 +366,7 @@ def environment(tmp_root: Path) -> dict[str, Any]:
     version = subprocess.run(
         ["redis-server", "--version"], capture_output=True, text=True, check=False, timeout=10
     ).stdout.strip()
-    import redis
+    from importlib.metadata import version as installed
 
     return {
         "command": shlex.join([".venv/bin/python", *sys.argv]),
@@ -376,7 +376,7 @@ def environment(tmp_root: Path) -> dict[str, Any]:
         "ram": mem_total(),
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "redis_py": redis.__version__,
+        "redis_py": installed("redis"),
         "redis_server": version,
         "aof_filesystem": filesystem_of(tmp_root),
         "fsync": f"{fsync_probe(tmp_root, 4 * KIB)}; {fsync_probe(tmp_root, 100 * KIB)}",

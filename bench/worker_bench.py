@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from dns_server import DnsServer  # noqa: E402
 from redis_servers import RedisServer  # noqa: E402
 
-from mailkube_core.queue import Envelope, Queue, Recipient  # noqa: E402
+from mailkube_core.queue import Envelope, Queue, QueueAdmin, Recipient  # noqa: E402
 from mailkube_core.queue.envelope import utcnow  # noqa: E402
 from mailkube_core.queue.outcomes import read_outcomes  # noqa: E402
 from mailkube_core.redis_client import connect_redis  # noqa: E402
@@ -99,12 +99,12 @@ async def enqueue_all(url: str, recipient: str, body: bytes, count: int, local: 
 
 async def wait_empty(url: str, limit: float) -> None:
     redis = connect_redis(CommonSettings(redis_url=url))
-    queue = Queue(redis, prefix=PREFIX)
+    admin = QueueAdmin(redis, prefix=PREFIX)
     deadline = time.monotonic() + limit
     try:
-        while (await queue.stats()).messages:
+        while (await admin.stats()).messages:
             if time.monotonic() > deadline:
-                stuck = await queue.list_messages(3)
+                stuck = await admin.list_messages(3)
                 errors = [(m.state, m.attempts, m.last_error) for m in stuck]
                 raise TimeoutError(f"the queue did not drain: {errors}")
             await asyncio.sleep(0.01)

@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from mailkube_core.settings import (
     CommonSettings,
+    DomainSpamDefaults,
     GatewaySettings,
     OperatorSettings,
     WorkerSettings,
@@ -48,13 +49,17 @@ MODELS: dict[str, type[CommonSettings]] = {
 # Settings the chart sets itself (MAILKUBE_* variables): never in a `config` section, where
 # the environment would silently override them.
 MANAGED_COMMON = frozenset(
-    {"redis_url", "redis_cluster", "redis_password", "redis_password_file", "hostname",
-     "telemetry_listen"}
+    {"redis_url", "redis_cluster", "redis_password", "redis_password_file", "redis_sentinels",
+     "redis_sentinel_master", "redis_sentinel_password", "redis_sentinel_password_file",
+     "hostname", "telemetry_listen"}
 )  # fmt: skip
 MANAGED: dict[str, frozenset[str]] = {
     "gateway": MANAGED_COMMON
     | {
         "mx_listen",
+        "mta_sts_listen",
+        "mta_sts_tls_cert_file",
+        "mta_sts_tls_key_file",
         "submission_listen",
         "submissions_listen",
         "tls_cert_file",
@@ -62,10 +67,29 @@ MANAGED: dict[str, frozenset[str]] = {
         "proxy_protocol_listeners",
         "trusted_proxies",
         "shutdown_grace",
-    },
+        # from resources.limits.memory (the Downward API)
+        "container_memory_limit",
+        # rspamd and spam: rspamd.*, gateway.dnsblZones & co.
+        "rspamd_url",
+        "dnsbl_zones",
+        "dnsbl_threshold",
+        "greet_pause",
+        "client_rdns",
+        "spam_exempt_networks",
+    }
+    | frozenset(DomainSpamDefaults.model_fields),
     "worker": MANAGED_COMMON | {"role", "mail_root", "smart_host", "shutdown_grace"},
     "operator": MANAGED_COMMON
-    | {"namespace", "cluster_wide", "public_hostname", "kube_api_server"},
+    | {
+        "namespace",
+        "cluster_wide",
+        "public_hostname",
+        "kube_api_server",
+        "kube_token_file",
+        "kube_ca_file",
+    }
+    # the spam defaults come from the values' `spam` section, for the gateway and the operator
+    | frozenset(DomainSpamDefaults.model_fields),
 }
 #: settings that must be the same in every component: only in the top-level `config`
 INSTALL_WIDE = frozenset({"key_prefix", "queue_partitions"})
@@ -88,11 +112,36 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "existingSecret": "redis-auth",
             "passwordKey": "secret",
         },
+        # rspamd speaks neither TLS nor Cluster to Redis: a Redis of its own
+        "rspamd": {
+            "redis": {"servers": "rspamd-redis.example.net:6379", "existingSecret": "rspamd-redis"}
+        },
     },
     "external-redis-cluster-url-in-secret": {
         "redis": {"enabled": False},
         "externalRedis": {"urlKey": "url", "existingSecret": "redis-auth", "cluster": True},
+        # an rspamd of one's own
+        "rspamd": {"enabled": False, "url": "http://rspamd.spam.svc:11333"},
     },
+    "redis-sentinel": {
+        "redis": {"mode": "sentinel", "sentinel": {"antiAffinity": "hard"}},
+        "gateway": {"config": {"enqueue_replicas": 1}},
+    },
+    "external-sentinels": {
+        "redis": {"enabled": False},
+        "externalRedis": {
+            "url": "rediss://unused.example.net/2",
+            "sentinels": [
+                "sentinel-0.redis.example.net:26379",
+                "sentinel-1.redis.example.net:26379",
+            ],
+            "sentinelMaster": "mail",
+            "existingSecret": "redis-auth",
+            "sentinelPasswordKey": "sentinel-password",
+        },
+        "rspamd": {"enabled": False},
+    },
+    "no-rspamd": {"rspamd": {"enabled": False}},
     "cert-manager-and-metrics": {
         "gateway": {
             "tls": {
@@ -102,7 +151,13 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                     "dnsNames": [HOSTNAME, "smtp.example.org"],
                     "renewBefore": "720h",
                 },
-            }
+            },
+            "mtaSts": {
+                "enabled": True,
+                "expose": "ingress",
+                "domains": ["example.org", "Example.NET"],
+                "ingress": {"className": "nginx"},
+            },
         },
         "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}}},
         "networkPolicy": {
@@ -134,6 +189,14 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "replicas": 1,
             "podDisruptionBudget": {"enabled": False},
             "tls": {"source": "existingSecret", "existingSecret": "mail-tls"},
+            "dnsblZones": [
+                "zen.spamhaus.org=127.0.0.[2..11]*3",
+                "list.dnswl.org=127.0.[0..255].[1..3]*-2",
+            ],
+            "dnsblThreshold": 2,
+            "greetPause": "3s",
+            "clientRdns": "require",
+            "spamExemptNetworks": ["192.0.2.0/24", "2001:db8::/32"],
         },
         "worker": {
             "local": {"enabled": False},
@@ -142,6 +205,23 @@ SCENARIOS: dict[str, dict[str, Any]] = {
             "mailStorage": {"storageClass": "local-path", "size": "5Gi"},
         },
         "redis": {"persistence": {"storageClass": "local-path"}, "appendfsync": "everysec"},
+        # spam defence turned up, one rspamd
+        "spam": {
+            "policy": "quarantine",
+            "rejectScore": 15,
+            "junkScore": 6.5,
+            "rewriteSubject": True,
+            "unavailable": "accept",
+            "greylisting": True,
+        },
+        "rspamd": {
+            "replicas": 1,
+            "workers": 1,
+            "podDisruptionBudget": {"enabled": False},
+            "nameservers": ["192.0.2.53:53"],
+            "redisDb": 3,
+            "localConfig": {"actions.conf": "reject = 20;\nadd_header = 8;"},
+        },
     },
     "several-worker-roles-rwx": {
         "worker": {
@@ -164,10 +244,41 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "config": {"log_level": "DEBUG", "queue_partitions": 4},
         "extraEnv": [{"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": "http://otel:4318"}],
     },
+    "keda-workers-external-redis": {
+        "redis": {"enabled": False},
+        "externalRedis": {
+            "url": "rediss://redis.example.net:6380/2",
+            "existingSecret": "redis-auth",
+            "passwordKey": "secret",
+        },
+        "rspamd": {"redis": {"servers": "rspamd-redis.example.net:6379"}},
+        "worker": {
+            "all": {"enabled": True},
+            "mailStorage": {"storageClass": "nfs-client"},
+            "autoscaling": {
+                "mode": "keda",
+                "roles": ["remote", "all"],
+                "maxReplicas": 20,
+                "keda": {"trigger": "streamLength", "streamLength": 40},
+            },
+        },
+        "config": {"key_prefix": "mk", "queue_partitions": 2},
+    },
+    "hpa-workers": {
+        "worker": {
+            "autoscaling": {"mode": "hpa", "minReplicas": 2, "hpa": {"averageValue": 50}},
+            "mailStorage": {"storageClass": "nfs-client"},
+        },
+    },
     "hpa-cluster-wide": {
         "gateway": {
             "autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 12},
             "config": {"max_message_size": "50MiB", "require_tls": True, "processes": 2},
+            "mtaSts": {
+                "enabled": True,
+                "domains": ["example.org"],
+                "certManager": {"issuerRef": {"name": "dns01"}},
+            },
         },
         "operator": {"clusterWide": True, "config": {"dns_check_interval": "10m"}},
         "networkPolicy": {"enabled": False},

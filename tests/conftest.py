@@ -5,8 +5,12 @@
 - redis_url      (function) the shared server's URL; FLUSHALL after the test
 - private_redis  (function) a RedisServer of the test's own, to kill() / restart()
 - redis_cluster  (session)  RedisCluster of 3 masters (.url, .startup_nodes, .client())
+- sentinel_group (function) a primary, a replica and 3 sentinels (redis_sentinels.py), to
+                            fail over
 - telemetry      (session)  the process-wide OpenTelemetry providers (one per process), with
                             no OTLP exporter; tests that read /metrics use it
+- rspamd         (session)  a real rspamd on loopback (rspamd_server.py): .url (normal
+                            worker), .controller_url, the test patterns of rspamd_local
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
+from redis_sentinels import SentinelGroup  # noqa: E402
 from redis_servers import ExternalRedis, RedisCluster, RedisServer  # noqa: E402
+from rspamd_server import shared_rspamd  # noqa: E402
+
+from mailkube_core.cli.rspamd_local import LocalRspamd  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +71,13 @@ def private_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSer
         server.stop()
 
 
+@pytest.fixture
+def sentinel_group(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
+    group = SentinelGroup(tmp_path_factory.mktemp("sentinels"))
+    with group:
+        yield group
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
     cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster"))
@@ -71,6 +86,13 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def rspamd(
+    tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer | ExternalRedis
+) -> LocalRspamd:
+    return shared_rspamd(tmp_path_factory.mktemp("rspamd"), redis_server.url)
 
 
 @pytest.fixture(scope="session")

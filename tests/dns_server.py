@@ -3,11 +3,14 @@
 It serves every zone file of a directory (`<origin>.zone`, e.g. `example.test.zone`), with
 whatever records they hold (A, AAAA, MX, TXT, CNAME, ...), and answers like an authoritative
 server: AA set, NXDOMAIN for a name that does not exist, NOERROR with the SOA for a name
-without records of the type asked (RFC 2308), REFUSED outside its zones. CNAMEs inside the
-served zones are followed. UDP answers too big for the client's buffer are truncated (TC), so
-resolvers retry over TCP.
+without records of the type asked (RFC 2308), REFUSED outside its zones. A signed zone (e.g.
+one signed with dns.dnssec.sign_zone) is served as DNSSEC asks (RFC 4035 §3.1) to queries
+with the DO bit: RRSIGs beside the records, NSEC records proving a name or type absent.
+CNAMEs inside the served zones are followed. UDP answers too big for the client's buffer are
+truncated (TC), so resolvers retry over TCP.
 
-Tests can add zones (`add_zone`) and make names fail with SERVFAIL (`servfail`). A fixed
+Tests can add zones (`add_zone`), make names fail with SERVFAIL (`fail`) and make names and
+everything below them go unanswered (`never_answer`: a server that has gone silent). A fixed
 `port` (e.g. 53, for programs that use the C library's resolver) can be asked for; by default
 a free one is picked.
 
@@ -52,6 +55,8 @@ class DnsServer:
         self.zones: dict[dns.name.Name, dns.zone.Zone] = {}
         #: names answered with SERVFAIL, whatever the type (a broken authoritative server)
         self.servfail: set[dns.name.Name] = set()
+        #: names at and under which queries get no answer at all (the client times out)
+        self.silent: set[dns.name.Name] = set()
         self.queries: list[tuple[str, str, str]] = []  # (name, type, transport)
         self._lock = threading.Lock()
         self._servers: list[socketserver.BaseServer] = []
@@ -89,6 +94,15 @@ class DnsServer:
     def fail(self, name: str) -> None:
         self.servfail.add(dns.name.from_text(name))
 
+    def never_answer(self, name: str) -> None:
+        """Queries for `name` and the names below it go unanswered."""
+        with self._lock:
+            self.silent.add(dns.name.from_text(name))
+
+    def _unanswered(self, name: dns.name.Name) -> bool:
+        with self._lock:
+            return any(name.is_subdomain(silent) for silent in self.silent)
+
     # --- answering ------------------------------------------------------------------------
 
     def answer(self, query: dns.message.Message) -> dns.message.Message:
@@ -107,7 +121,8 @@ class DnsServer:
                 response.set_rcode(dns.rcode.REFUSED)
                 return response
             response.flags |= dns.flags.AA
-            self._fill(response, zone, qname, qtype)
+            dnssec = query.edns >= 0 and bool(query.ednsflags & dns.flags.DO)
+            self._fill(response, zone, qname, qtype, dnssec)
         return response
 
     def _zone_of(self, name: dns.name.Name) -> dns.zone.Zone | None:
@@ -123,6 +138,7 @@ class DnsServer:
         zone: dns.zone.Zone,
         qname: dns.name.Name,
         qtype: dns.rdatatype.RdataType,
+        dnssec: bool = False,
     ) -> None:
         for _ in range(MAX_CNAME_CHAIN):
             node = zone.get_node(qname)
@@ -130,27 +146,71 @@ class DnsServer:
                 exists = any(name.is_subdomain(qname) for name in zone.nodes)
                 if not exists and not response.answer:
                     response.set_rcode(dns.rcode.NXDOMAIN)
-                self._soa(response, zone)
+                self._soa(response, zone, dnssec)
+                if dnssec:  # RFC 4035 §3.1.3.2: the NSECs covering the name and the wildcard
+                    self._covering_nsec(response, zone, qname)
                 return
             rdataset = node.get_rdataset(dns.rdataclass.IN, qtype)
             if rdataset is not None:
                 response.answer.append(_rrset(qname, rdataset))
+                if dnssec:
+                    self._signatures(response.answer, zone, qname, qtype)
                 return
             cname = node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.CNAME)
             if cname is None:
-                self._soa(response, zone)  # RFC 2308 §2.2: NODATA
+                self._soa(response, zone, dnssec)  # RFC 2308 §2.2: NODATA
+                if dnssec:  # RFC 4035 §3.1.3.1: the name's own NSEC
+                    self._signed(response.authority, zone, qname, dns.rdatatype.NSEC)
                 return
             response.answer.append(_rrset(qname, cname))
+            if dnssec:
+                self._signatures(response.answer, zone, qname, dns.rdatatype.CNAME)
             qname = cname[0].target  # type: ignore[attr-defined]
             if not qname.is_subdomain(zone.origin):  # type: ignore[arg-type]
                 return
 
-    @staticmethod
-    def _soa(response: dns.message.Message, zone: dns.zone.Zone) -> None:
+    @classmethod
+    def _soa(cls, response: dns.message.Message, zone: dns.zone.Zone,
+             dnssec: bool = False) -> None:  # fmt: skip
         assert zone.origin is not None
         soa = zone.get_rdataset(zone.origin, dns.rdatatype.SOA)
         if soa is not None:
             response.authority.append(_rrset(zone.origin, soa))
+            if dnssec:
+                cls._signatures(response.authority, zone, zone.origin, dns.rdatatype.SOA)
+
+    @staticmethod
+    def _signatures(section: list[dns.rrset.RRset], zone: dns.zone.Zone, name: dns.name.Name,
+                    covered: dns.rdatatype.RdataType) -> None:  # fmt: skip
+        sigs = zone.get_rdataset(name, dns.rdatatype.RRSIG, covers=covered)
+        if sigs is not None:
+            section.append(_rrset(name, sigs))
+
+    @classmethod
+    def _signed(cls, section: list[dns.rrset.RRset], zone: dns.zone.Zone, name: dns.name.Name,
+                rdtype: dns.rdatatype.RdataType) -> None:  # fmt: skip
+        rdataset = zone.get_rdataset(name, rdtype)
+        if rdataset is not None and not any(r.name == name and r.rdtype == rdtype
+                                            for r in section):  # fmt: skip
+            section.append(_rrset(name, rdataset))
+            cls._signatures(section, zone, name, rdtype)
+
+    @classmethod
+    def _covering_nsec(cls, response: dns.message.Message, zone: dns.zone.Zone,
+                       qname: dns.name.Name) -> None:  # fmt: skip
+        """The NSEC whose owner precedes `qname` in canonical order (RFC 4034 §6.1), and the
+        one covering the wildcard at its closest encloser."""
+        owners = sorted(n for n, node in zone.nodes.items()
+                        if node.get_rdataset(dns.rdataclass.IN, dns.rdatatype.NSEC))  # fmt: skip
+        if not owners:
+            return
+        encloser = qname.parent()
+        while encloser != zone.origin and zone.get_node(encloser) is None:
+            encloser = encloser.parent()
+        for name in (qname, dns.name.Name((b"*",)).concatenate(encloser)):
+            before = [owner for owner in owners if owner < name]
+            cls._signed(response.authority, zone, before[-1] if before else owners[-1],
+                        dns.rdatatype.NSEC)  # fmt: skip
 
     def _reply(self, wire: bytes, transport: str, max_size: int) -> bytes | None:
         try:
@@ -160,6 +220,8 @@ class DnsServer:
         if query.question:
             q = query.question[0]
             self.queries.append((q.name.to_text(), dns.rdatatype.to_text(q.rdtype), transport))
+            if self._unanswered(q.name):
+                return None
         response = self.answer(query)
         if transport == "udp":
             max_size = max(512, query.payload if query.edns >= 0 else 512)

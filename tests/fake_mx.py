@@ -47,6 +47,8 @@ class Script:
     data: list[str] = field(default_factory=list)
     #: reply to EHLO instead of the extensions
     ehlo: str | None = None
+    #: offer REQUIRETLS (RFC 8689) after STARTTLS and take it on MAIL
+    requiretls: bool = False
     mail: str | None = None
     #: the first DATA waits for this event, so a test can act while a delivery is in
     #: flight; `held` is set once it waits. Then it answers 451 and stores nothing, unless
@@ -71,7 +73,11 @@ class Handler:
         responses: list[str],
     ) -> list[str]:  # fmt: skip
         session.host_name = hostname
-        return [self.script.ehlo] if self.script.ehlo else responses
+        if self.script.ehlo:
+            return [self.script.ehlo]
+        if self.script.requiretls and session.ssl is not None:
+            return [*responses[:-1], "250-REQUIRETLS", responses[-1]]
+        return responses
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
@@ -131,6 +137,13 @@ class CountingSMTP(SMTP):
                 handler.active += 1
                 handler.most_active = max(handler.most_active, handler.active)
         super().connection_made(transport)
+
+    def _getparams(self, params: Any) -> Any:
+        """REQUIRETLS is taken (and kept in mail_options) when the script offers it."""
+        handler = self.event_handler
+        if isinstance(handler, Handler) and handler.script.requiretls:
+            params = [p for p in params if p != "REQUIRETLS"]
+        return super()._getparams(params)
 
     def connection_lost(self, error: Exception | None) -> None:
         handler = self.event_handler

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
-import socket
 import ssl
 import subprocess
 import sys
@@ -23,8 +22,9 @@ from typing import Any
 import aiosmtplib
 import trustme
 from dns_server import DnsServer
+from redis_servers import free_port
 
-from mailkube_core.queue import MessageInfo, Queue
+from mailkube_core.queue import MessageInfo, QueueAdmin
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import Domain, DomainLimits, RoutingStore, RoutingTable, User
 from mailkube_core.settings import GatewaySettings
@@ -132,9 +132,11 @@ def gateway_settings(redis_url: str, tls: Tls, **overrides: Any) -> GatewaySetti
         "dns_port": dns.port,
         "redis_url": redis_url,
         "hostname": "mx.test",
-        "mx_listen": [f"127.0.0.1:{free_port()}"],
-        "submission_listen": [f"127.0.0.1:{free_port()}"],
-        "submissions_listen": [f"127.0.0.1:{free_port()}"],
+        # port 0: the kernel picks free ports as it binds (a port picked beforehand and then
+        # bound can be taken in between, by a client's ephemeral port)
+        "mx_listen": ["127.0.0.1:0"],
+        "submission_listen": ["127.0.0.1:0"],
+        "submissions_listen": ["127.0.0.1:0"],
         "tls_cert_file": tls.cert_file,
         "tls_key_file": tls.key_file,
         "telemetry_listen": "",
@@ -172,14 +174,14 @@ class Running:
     async def messages(self) -> list[MessageInfo]:
         client = connect_redis(self.app.settings)
         try:
-            return await Queue(client).list_messages()
+            return await QueueAdmin(client).list_messages()
         finally:
             await client.aclose()
 
     async def body(self, message_id: str) -> bytes:
         client = connect_redis(self.app.settings)
         try:
-            body = await Queue(client).body(message_id)
+            body = await QueueAdmin(client).body(message_id)
         finally:
             await client.aclose()
         assert body is not None
@@ -263,12 +265,6 @@ class RawClient:
 
 
 # --- a gateway process ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

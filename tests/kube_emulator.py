@@ -49,6 +49,9 @@ class Fault:
     plural: str | None = None
     name: str | None = None
     subresource: str | None = None
+    #: the Status body's reason and message (what a real API server explains)
+    reason: str = "InternalError"
+    message: str = "injected by the test"
     #: when it answered each request (time.monotonic)
     times: list[float] = field(default_factory=list)
 
@@ -79,9 +82,12 @@ class KubeEmulator(kmock.KubernetesEmulator):
         plural: str | None = None,
         name: str | None = None,
         subresource: str | None = None,
+        reason: str = "InternalError",
+        message: str = "injected by the test",
     ) -> Fault:
-        """Answer matching requests with `status` (and change nothing) until `heal(fault)`."""
-        fault = Fault(status, action, plural, name, subresource)
+        """Answer matching requests with `status` and a Status body of `reason` and `message`
+        (and change nothing) until `heal(fault)`."""
+        fault = Fault(status, action, plural, name, subresource, reason, message)
         self.faults.append(fault)
         return fault
 
@@ -94,7 +100,7 @@ class KubeEmulator(kmock.KubernetesEmulator):
         if fault is not None:
             fault.times.append(time.monotonic())
             return await self._render_error(
-                k8s.KubernetesError(fault.status, "InternalError", "injected by the test")
+                k8s.KubernetesError(fault.status, fault.reason, fault.message)
             )
         if request.resource is not None:
             async with self._lock:

@@ -102,11 +102,16 @@ class OperatorRun:
 
 
 class Api:
-    """kubectl, more or less."""
+    """kubectl, more or less: against the emulator (a URL) or a real API server (a client
+    configuration), in one namespace."""
 
-    def __init__(self, url: str) -> None:
-        config = client.Configuration()
-        config.host = url
+    def __init__(self, url: str | client.Configuration, namespace: str = NS) -> None:
+        if isinstance(url, str):
+            config = client.Configuration()
+            config.host = url
+        else:
+            config = url
+        self.namespace = namespace
         self._client = client.ApiClient(config)
         self.core = client.CoreV1Api(self._client)
         self.custom = client.CustomObjectsApi(self._client)
@@ -117,46 +122,60 @@ class Api:
     async def apply(self, plural: str, name: str, spec: dict[str, Any]) -> None:
         body = {"apiVersion": f"{GROUP}/{VERSION}",
                 "kind": "MailDomain" if plural == "maildomains" else "MailUser",
-                "metadata": {"name": name, "namespace": NS}, "spec": spec}  # fmt: skip
+                "metadata": {"name": name, "namespace": self.namespace}, "spec": spec}  # fmt: skip
         await asyncio.to_thread(
-            self.custom.create_namespaced_custom_object, GROUP, VERSION, NS, plural, body
+            self.custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            plural,
+            body,
         )
 
     async def patch(self, plural: str, name: str, patch: dict[str, Any]) -> None:
         await asyncio.to_thread(
-            self.custom.patch_namespaced_custom_object, GROUP, VERSION, NS, plural, name, patch,
-            _content_type=MERGE,
+            self.custom.patch_namespaced_custom_object, GROUP, VERSION, self.namespace, plural,
+            name, patch, _content_type=MERGE,
         )  # fmt: skip
 
     async def delete(self, plural: str, name: str) -> None:
         await asyncio.to_thread(
-            self.custom.delete_namespaced_custom_object, GROUP, VERSION, NS, plural, name
+            self.custom.delete_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            self.namespace,
+            plural,
+            name,
         )
 
     async def get(self, plural: str, name: str) -> dict[str, Any]:
         return await asyncio.to_thread(  # type: ignore[no-any-return]
-            self.custom.get_namespaced_custom_object, GROUP, VERSION, NS, plural, name
+            self.custom.get_namespaced_custom_object, GROUP, VERSION, self.namespace, plural, name
         )
 
     async def create_secret(
         self, name: str, data: dict[str, str], labels: dict[str, str] | None = None
     ) -> None:
-        body = {"apiVersion": "v1", "kind": "Secret", "stringData": data,
-                "metadata": {"name": name, "namespace": NS, "labels": labels or {}}}  # fmt: skip
-        await asyncio.to_thread(self.core.create_namespaced_secret, NS, body)
+        meta = {"name": name, "namespace": self.namespace, "labels": labels or {}}
+        body = {"apiVersion": "v1", "kind": "Secret", "stringData": data, "metadata": meta}
+        await asyncio.to_thread(self.core.create_namespaced_secret, self.namespace, body)
 
     async def patch_secret(self, name: str, data_b64: dict[str, str]) -> None:
         await asyncio.to_thread(
-            self.core.patch_namespaced_secret, name, NS, {"data": data_b64}, _content_type=MERGE
+            self.core.patch_namespaced_secret,
+            name,
+            self.namespace,
+            {"data": data_b64},
+            _content_type=MERGE,
         )
 
     async def delete_secret(self, name: str) -> None:
-        await asyncio.to_thread(self.core.delete_namespaced_secret, name, NS)
+        await asyncio.to_thread(self.core.delete_namespaced_secret, name, self.namespace)
 
     async def secret(self, name: str) -> dict[str, Any] | None:
         try:
             result = await asyncio.to_thread(
-                self.core.read_namespaced_secret, name, NS, _preload_content=False
+                self.core.read_namespaced_secret, name, self.namespace, _preload_content=False
             )
         except client.ApiException as exc:
             if exc.status == 404:
@@ -168,7 +187,7 @@ class Api:
 
     async def events(self) -> list[dict[str, Any]]:
         result = await asyncio.to_thread(
-            self.core.list_namespaced_event, NS, _preload_content=False
+            self.core.list_namespaced_event, self.namespace, _preload_content=False
         )
         import json
 

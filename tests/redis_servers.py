@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import random
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +25,8 @@ from typing import Any
 
 import redis
 import redis.cluster
+
+from mailkube_core import parent_death
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 10.0
@@ -73,28 +73,6 @@ def free_port(*, cluster_bus: bool = False) -> int:
         if _bindable(port) and (not cluster_bus or _bindable(port + CLUSTER_BUS_OFFSET)):
             return port
     raise RedisStartError("no free port found")
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """preexec_fn asking the kernel to SIGKILL the child when its parent thread exits.
-
-    Only used from the main thread: the signal follows the *thread* that forked, so a server
-    started from a worker thread would die when that thread ends.
-    """
-    if not sys.platform.startswith("linux") or threading.current_thread() is not (
-        threading.main_thread()
-    ):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-    return preexec
 
 
 def ping(url: str, timeout: float = 0.5) -> bool:
@@ -188,7 +166,7 @@ class RedisServer:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent(),
+            preexec_fn=parent_death.preexec(signal.SIGKILL),
         )
         with _live_lock:
             _live.add(self)
@@ -256,12 +234,25 @@ class RedisServer:
         self._wait(STOP_TIMEOUT)
         self._fixed_port = True
 
+    def freeze(self) -> None:
+        """SIGSTOP: a hung Redis. Connections stay open and connects still complete (the
+        kernel accepts them), but nothing is answered until thaw()."""
+        assert self.process is not None
+        assert self.process.poll() is None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: Redis goes on with whatever was sent to it meanwhile."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """SIGTERM and wait (SIGKILL if it does not exit within timeout)."""
         if self.process is None:
             return
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+            self.thaw()  # a frozen server would not see the SIGTERM
         self._wait(timeout)
         self._fixed_port = True
 

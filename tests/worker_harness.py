@@ -1,12 +1,17 @@
 """Helpers for the delivery-worker tests: settings for a test, a worker running in the test's
-event loop (health server on a free port, as run_service would start it), routing tables,
-enqueueing, and polling a condition with a deadline (never a fixed sleep)."""
+event loop (health server on a free port, as run_service would start it), a worker process
+(`mailkube-worker`, to SIGTERM or SIGKILL), routing tables, enqueueing, and polling a condition
+with a deadline (never a fixed sleep)."""
 
 from __future__ import annotations
 
 import asyncio
 import email
 import email.policy
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -16,8 +21,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from conditions import eventually
+from redis_servers import free_port
 
-from mailkube_core.queue import Envelope, Queue, Recipient
+from mailkube_core.queue import Envelope, Queue, QueueAdmin, Recipient
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import Domain, RoutingSnapshot, RoutingStore, RoutingTable, User
 from mailkube_core.service import Service
@@ -130,7 +136,7 @@ async def enqueue(
 async def queue_empty(settings: WorkerSettings) -> bool:
     redis = connect_redis(settings)
     try:
-        return (await Queue.from_settings(settings, redis).stats()).messages == 0
+        return (await QueueAdmin.from_settings(settings, redis).stats()).messages == 0
     finally:
         await redis.aclose()
 
@@ -147,3 +153,47 @@ def parse(path: Path) -> email.message.EmailMessage:
     msg = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
     assert isinstance(msg, email.message.EmailMessage)
     return msg
+
+
+class WorkerProcess:
+    """A `mailkube-worker` process on the test's Redis and mail root, as a pod would run it
+    (consumer name = `pod`); its output goes to <mail_root>/../<pod>.log, appended to when the
+    same pod is started again."""
+
+    def __init__(self, settings: WorkerSettings, pod: str, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.log = Path(settings.mail_root).parent / f"{pod}.log"
+        environment = {
+            **os.environ,
+            "HOSTNAME": pod,
+            "MAILKUBE_REDIS_URL": settings.redis_url,
+            "MAILKUBE_KEY_PREFIX": settings.key_prefix,
+            "MAILKUBE_HOSTNAME": settings.hostname,
+            "MAILKUBE_MAIL_ROOT": str(settings.mail_root),
+            "MAILKUBE_TELEMETRY_LISTEN": f"127.0.0.1:{self.port}",
+            "MAILKUBE_QUEUE_POLL_INTERVAL": "50ms",
+            "MAILKUBE_RETRY_INTERVALS": "200ms",
+            **env,
+        }
+        environment.pop("MAILKUBE_CONFIG", None)
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "mailkube_worker", *args],
+                env=environment, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    async def ready(self) -> None:
+        async def probe() -> bool:
+            assert self.process.poll() is None, self.log.read_text()
+            return await http_status(self.port, "/readyz") == 200
+
+        await eventually(probe, timeout=30)
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(30)

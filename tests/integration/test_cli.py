@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,6 @@ from mailkube_core.queue import Envelope, Queue, Recipient, RecipientResult, Rec
 from mailkube_core.routing import RoutingStore, verify_password_sync
 
 MAILKUBE = [sys.executable, "-m", "mailkube_core.cli.main"]
-REPO = Path(__file__).resolve().parents[2]
 
 
 def mailkube(
@@ -169,61 +165,6 @@ async def _fill_queue(redis_url: str) -> list[str]:
     await client.aclose()
     first = ids[0] if ids[0] == claimed.id else ids[1]
     return [first, ids[1] if first == ids[0] else ids[0]]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_dev_brings_up_redis_loads_routing_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    port = _free_port()
-    run_dir = tmp_path / "run"
-    process = subprocess.Popen(
-        [*MAILKUBE, "dev", "--run-dir", str(run_dir), "--redis-port", str(port),
-         "--routing", str(REPO / "examples/dev-routing.yaml")],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-    )  # fmt: skip
-    lines: list[str] = []
-    try:
-        assert process.stdout is not None
-        deadline = time.monotonic() + 60
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("Ctrl-C stops everything"):
-                break
-            assert time.monotonic() < deadline, "".join(lines)
-        output = "".join(lines)
-        assert f"redis    ready  redis://127.0.0.1:{port}/0" in output
-        assert "routing  table version 1: 1 domain(s), 1 user(s)" in output
-        assert "dkim     example.test signs with selector dev" in output
-        assert (run_dir / "dkim/example.test.pem").stat().st_mode & 0o077 == 0
-        assert "swaks --server 127.0.0.1:2525" in output
-        assert (run_dir / "tls/cert.pem").exists()
-        assert (run_dir / "redis/appendonlydir").is_dir()
-
-        config = run_dir / "mailkube.yaml"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKUBE_")}
-        env["MAILKUBE_CONFIG"] = str(config)
-        stats = subprocess.run(
-            [*MAILKUBE, "queue", "stats"], env=env, capture_output=True, text=True, timeout=30
-        )
-        assert stats.returncode == 0, stats.stderr
-        assert "0 message(s)" in stats.stdout
-        show = subprocess.run(
-            [*MAILKUBE, "routing", "show"], env=env, capture_output=True, text=True, timeout=30
-        )
-        assert "dev/rsa" in show.stdout, show.stdout  # the dev key signs example.test
-
-        process.send_signal(signal.SIGINT)
-        rest, _ = process.communicate(timeout=30)
-    finally:
-        process.kill()
-    assert process.returncode == 0, rest
-    assert "stopped" in rest
-    with socket.socket() as sock:  # redis is gone with it
-        assert sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def test_output_into_a_closed_pipe_ends_quietly(redis_url: str) -> None:

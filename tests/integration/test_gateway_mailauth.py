@@ -71,9 +71,13 @@ async def test_aligned_spf_pass_is_recorded_and_accepted(redis_url: str, tmp_pat
         code, _ = await send_mx(gw, "bounce@pass.mailauth.test", mail("a@pass.mailauth.test"))
         assert code == 250
         body = await queued_body(gw)
-    assert methods(body) == {"spf": "pass", "dkim": "none", "arc": "none", "dmarc": "pass"}
+    assert methods(body) == {
+        "iprev": "pass", "spf": "pass", "dkim": "none", "arc": "none", "dmarc": "pass"
+    }  # fmt: skip
     [ours] = results_of(body)["mx.test"]
-    assert ours.results[0].smtp_mailfrom == "pass.mailauth.test"
+    # the client's reverse name (tests/dns/zones/127.in-addr.arpa.zone), checked at connect
+    assert ours.results[0].policy_iprev == "127.0.0.1"
+    assert ours.results[1].smtp_mailfrom == "pass.mailauth.test"
     assert ours.results[-1].header_from == "pass.mailauth.test"
     # the field comes after our Received: and before the message's own fields
     assert body.index(b"Received:") < body.index(b"Authentication-Results:") < body.index(b"From:")
@@ -195,9 +199,11 @@ async def test_an_aligned_dkim_signature_passes_dmarc_without_spf(
         code, _ = await send_mx(gw, "a@fail.mailauth.test", signed)
         assert code == 250
         body = await queued_body(gw)
-    assert methods(body) == {"spf": "fail", "dkim": "pass", "arc": "none", "dmarc": "pass"}
+    assert methods(body) == {
+        "iprev": "pass", "spf": "fail", "dkim": "pass", "arc": "none", "dmarc": "pass"
+    }  # fmt: skip
     [ours] = results_of(body)["mx.test"]
-    dkim_result = ours.results[1]
+    dkim_result = ours.results[2]  # after iprev and spf
     assert (dkim_result.header_d, dkim_result.header_s) == ("signed.mailauth.test", "in1")
 
 

@@ -25,7 +25,7 @@ from gateway_harness import (
     stop_gateway_process,
 )
 
-from mailkube_core.queue import Queue
+from mailkube_core.queue import QueueAdmin
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.settings import CommonSettings
 
@@ -91,7 +91,7 @@ async def connection_to(gateway: GatewayProcess, pid: int) -> RawClient:
 async def queued(redis_url: str) -> int:
     client = connect_redis(CommonSettings(redis_url=redis_url))
     try:
-        return (await Queue(client).stats()).messages
+        return (await QueueAdmin(client).stats()).messages
     finally:
         await client.aclose()
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 from gateway_harness import (
     ALICE,
     ALICE_PASSWORD,
@@ -22,7 +23,7 @@ from gateway_harness import (
 )
 from redis_servers import RedisServer
 
-from mailkube_core.queue import Queue
+from mailkube_core.queue import QueueAdmin
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.settings import CommonSettings
 
@@ -40,15 +41,19 @@ def swaks(port: int, *args: str) -> subprocess.CompletedProcess[str]:
 async def queued(redis_url: str) -> int:
     client = connect_redis(CommonSettings(redis_url=redis_url))
     try:
-        return (await Queue(client).stats()).messages
+        return (await QueueAdmin(client).stats()).messages
     finally:
         await client.aclose()
 
 
-async def test_swaks_on_every_listener_and_a_clean_sigterm(redis_url: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+async def test_swaks_on_every_listener_and_a_clean_sigterm(
+    redis_url: str, tmp_path: Path, event_loop: str
+) -> None:
+    """STARTTLS, implicit TLS and AUTH, under either event loop (event_loop)."""
     await apply_routing(redis_url)
     tls = make_tls(tmp_path / "tls")
-    gateway = start_gateway_process(redis_url, tls)
+    gateway = start_gateway_process(redis_url, tls, MAILKUBE_EVENT_LOOP=event_loop)
     try:
         auth = ["--auth-user", ALICE, "--auth-password", ALICE_PASSWORD, "--from", ALICE]
         runs = [
@@ -69,6 +74,50 @@ async def test_swaks_on_every_listener_and_a_clean_sigterm(redis_url: str, tmp_p
     finally:
         code, stderr = stop_gateway_process(gateway)
     assert code == 0, stderr
+
+
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+async def test_a_proxy_header_names_the_client_under_either_event_loop(
+    redis_url: str, tmp_path: Path, event_loop: str
+) -> None:
+    await apply_routing(redis_url)
+    tls = make_tls(tmp_path / "tls")
+    gateway = start_gateway_process(
+        redis_url, tls, MAILKUBE_EVENT_LOOP=event_loop,
+        MAILKUBE_PROXY_PROTOCOL_LISTENERS="mx,submissions",
+        MAILKUBE_TRUSTED_PROXIES="127.0.0.0/8",
+    )  # fmt: skip
+    try:
+        client = await RawClient.connect(gateway.mx, greet=False)
+        await client.send(b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 25\r\n")
+        assert (await client.reply()).startswith("220 ")
+        await client.command("EHLO client.test")
+        await client.command("MAIL FROM:<someone@remote.test>")
+        await client.command(f"RCPT TO:<{ALICE}>")
+        await client.command("DATA")
+        reply = await client.command("From: someone@remote.test\r\n\r\nproxied\r\n.")
+        assert reply.startswith("250 2.0.0 Ok: queued as "), reply
+        await client.close()
+        # the PROXY header, then implicit TLS behind it, the ClientHello in the same write
+        context = tls.client_context()
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.submissions)
+        writer.write(b"PROXY TCP4 192.0.2.10 127.0.0.1 40001 465\r\n")
+        await writer.start_tls(context, server_hostname="localhost")
+        assert (await reader.readline()).startswith(b"220 ")
+        writer.close()
+        client_connection = connect_redis(CommonSettings(redis_url=redis_url))
+        try:
+            admin = QueueAdmin(client_connection)
+            (info,) = await admin.list_messages()
+            message = await admin.inspect(info.id)
+            assert message is not None
+            assert message.envelope.client_address == "192.0.2.9"
+        finally:
+            await client_connection.aclose()
+    finally:
+        code, stderr = stop_gateway_process(gateway)
+    assert code == 0, stderr
+    assert "Traceback" not in stderr, stderr
 
 
 async def test_sigterm_lets_data_finish_and_says_421_to_idle_sessions(

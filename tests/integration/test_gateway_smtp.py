@@ -150,3 +150,24 @@ async def test_dsn_parameters_are_stored_in_the_envelope(redis_url: str, tmp_pat
         assert envelope.recipients[0].notify == frozenset({Notify.SUCCESS, Notify.FAILURE})
         assert envelope.recipients[0].orcpt == "rfc822;Alice@x"
         assert envelope.recipients[1].notify == frozenset({Notify.NEVER})
+
+
+async def test_requiretls_is_offered_and_accepted_only_over_tls(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """RFC 8689 §3, §4.1: REQUIRETLS in EHLO only after TLS; MAIL ... REQUIRETLS without TLS
+    is refused with 5.7.10; with it the envelope carries the flag to the worker."""
+    async with running_gateway(redis_url, tmp_path) as gw:
+        client = await RawClient.connect(gw.mx)
+        assert "REQUIRETLS" not in await client.command("EHLO client.test")
+        reply = await client.command("MAIL FROM:<someone@remote.test> REQUIRETLS")
+        assert reply.startswith("530 5.7.10")
+        await client.close()
+        async with gw.client(gw.mx, start_tls=True) as smtp:
+            await smtp.ehlo()
+            assert "requiretls" in smtp.esmtp_extensions
+            await smtp.sendmail("someone@remote.test", [ALICE], message(),
+                                mail_options=["REQUIRETLS"])  # fmt: skip
+            await smtp.sendmail("someone@remote.test", [ALICE], message())
+        flags = sorted(info.envelope.requiretls for info in await gw.messages())
+        assert flags == [False, True]

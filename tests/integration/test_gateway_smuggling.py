@@ -64,3 +64,35 @@ async def test_a_whole_pipelined_transaction_and_the_next_one(
         first = next(i for i in infos if i.envelope.mail_from == "a@remote.test")
         assert [r.address for r in first.envelope.recipients] == [ALICE, BOB]
         assert (await gw.body(first.id)).endswith(b"\r\n\r\n.dot\r\n")
+
+
+async def test_the_replies_to_a_pipelined_group_go_out_in_one_write(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """RFC 2920 §3.1: MAIL and RCPT replies wait while the next command of the group is
+    already here; DATA's 354 takes them all out together."""
+    async with running_gateway(redis_url, tmp_path) as gw:
+        client = await RawClient.connect(gw.mx)
+        await client.command("EHLO client.test")
+        (session,) = gw.app.gateway.sessions
+        writes: list[bytes] = []
+        write = session.writer.write
+
+        def counted(data: bytes) -> None:
+            writes.append(bytes(data))
+            write(data)
+
+        session.writer.write = counted  # type: ignore[method-assign]
+        await client.send(
+            f"MAIL FROM:<a@remote.test>\r\nRCPT TO:<{ALICE}>\r\nRCPT TO:<nobody@example.test>\r\n"
+            f"RCPT TO:<{BOB}>\r\nDATA\r\n".encode()
+        )
+        replies = [await client.reply() for _ in range(5)]
+        assert [r[:3] for r in replies] == ["250", "250", "550", "250", "354"]
+        assert len(writes) == 1, writes
+        # one command at a time: one write each
+        await client.send(b"From: a@remote.test\r\n\r\nbody\r\n.\r\n")
+        assert (await client.reply()).startswith("250 2.0.0")
+        assert (await client.command("MAIL FROM:<b@remote.test>")).startswith("250")
+        assert len(writes) == 3
+        await client.close()

@@ -8,12 +8,7 @@ import subprocess
 import sys
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from redis_servers import free_port
 
 
 def start_gateway(redis_url: str, extra: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -4,17 +4,20 @@ then missing, wrong, duplicated, or not resolvable."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import dns.name
 import kmock
 import pytest
+import trustme
 from dns_server import DnsServer, zone_from_records
 from kube_emulator import KubeEmulator
 from operator_harness import Api, OperatorRun, condition, events, eventually, operator_settings
 
 from mailkube_core.settings import OperatorSettings
 from mailkube_operator import dkim, dnscheck
+from mailkube_operator.dane import NEXT_KEY_LABEL, DaneKeys, spki_sha256, tlsa_records
 
 pytestmark = pytest.mark.kmock(cls=KubeEmulator)
 
@@ -174,3 +177,119 @@ sel._domainkey 300 IN TXT "v=DKIM1; k=ed25519; " "p=abc"
     lookup_only = dnscheck.verdict(findings[-1:], 7)
     assert (lookup_only.status, lookup_only.reason) == ("Unknown", "LookupFailed")
     assert dnscheck.verdict([], 7).message == "all 7 records are published"
+
+
+async def test_mta_sts_and_tls_rpt_records_are_checked(dns_server: DnsServer) -> None:
+    """The records of spec.mtaSts / spec.tlsRpt: the mta-sts host's CNAME (names compared
+    without regard to case), a stale _mta-sts id, and two TLS-RPT records."""
+    dns_server.add_zone("sts-check.test.", """
+@ 300 IN SOA ns.sts-check.test. hostmaster.sts-check.test. 1 3600 600 86400 60
+mta-sts 300 IN CNAME Mail.Example.Test.
+_mta-sts 300 IN TXT "v=STSv1; id=old;"
+_smtp._tls 300 IN TXT "v=TLSRPTv1; rua=mailto:a@sts-check.test"
+_smtp._tls 300 IN TXT "v=TLSRPTv1; rua=mailto:b@sts-check.test"
+""")  # fmt: skip
+    res = dnscheck.resolver(OperatorSettings.model_validate({
+        "dns_nameservers": [dns_server.host], "dns_port": dns_server.port,
+        "dns_timeout": "2s"}))  # fmt: skip
+    findings = await dnscheck.check(res, [
+        {"type": "CNAME", "name": "mta-sts.sts-check.test.", "value": "mail.example.test.",
+         "purpose": "mta-sts-host"},
+        {"type": "TXT", "name": "_mta-sts.sts-check.test.", "value": "v=STSv1; id=new;",
+         "purpose": "mta-sts"},
+        {"type": "TXT", "name": "_smtp._tls.sts-check.test.",
+         "value": "v=TLSRPTv1; rua=mailto:a@sts-check.test", "purpose": "tls-rpt"},
+    ])  # fmt: skip
+    assert [f.message for f in findings] == [
+        "TXT _mta-sts.sts-check.test.: expected 'v=STSv1; id=new;', found 'v=STSv1; id=old;'",
+        "TXT _smtp._tls.sts-check.test.: 2 TLS-RPT records, there must be only one",
+    ]
+
+
+async def test_tlsa_records_of_our_mx_host_and_the_next_key(dns_server: DnsServer) -> None:
+    """DANE for our MX host: the current key's TLSA is published, the next key's is not yet:
+    DNSVerified says so with its own reason (mail from DANE senders would be deferred once
+    cert-manager switches keys); once both are published, all is well."""
+    keys = DaneKeys("aa" * 32, "bb" * 32)
+    listed = [r.dump() for r in tlsa_records("mx.tlsa-check.test", keys)]
+    zone = """
+@ 300 IN SOA ns.tlsa-check.test. hostmaster.tlsa-check.test. 1 3600 600 86400 60
+_25._tcp.mx 300 IN TLSA 3 1 1 {current}
+"""
+    dns_server.add_zone("tlsa-check.test.", zone.format(current="AA" * 32))
+    res = dnscheck.resolver(OperatorSettings.model_validate({
+        "dns_nameservers": [dns_server.host], "dns_port": dns_server.port,
+        "dns_timeout": "2s"}))  # fmt: skip
+    findings = await dnscheck.check(res, listed)
+    assert [(f.purpose, f.message) for f in findings] == [
+        ("tlsa-next", f"TLSA _25._tcp.mx.tlsa-check.test.: expected '3 1 1 {'bb' * 32}', "
+                      f"found '3 1 1 {'aa' * 32}'"),
+    ]  # fmt: skip
+    assert dnscheck.verdict(findings, 2).reason == "NextKeyNotInTLSA"
+    dns_server.add_zone("tlsa-check.test.", zone.format(current="AA" * 32)
+                        + f"_25._tcp.mx 300 IN TLSA 3 1 1 {'bb' * 32}\n")  # fmt: skip
+    assert await dnscheck.check(res, listed) == []
+
+
+async def test_status_lists_tlsa_of_the_gateways_key_and_warns_before_a_key_rollover(
+    kmock: kmock.KubernetesEmulator, api: Api, redis_url: str, dns_server: DnsServer
+) -> None:
+    """mx_tls_secret: the TLSA record of the key in the gateway's Secret is listed and checked;
+    when cert-manager stages its next key (a labelled Secret owned by the Certificate), its
+    record is listed too, and DNSVerified warns (NextKeyNotInTLSA, a Warning Event) until it
+    is published: the DANE outage caught before the new certificate is in use."""
+    current = trustme.CA().issue_cert("mx.example.test")
+    upcoming = trustme.CA().issue_cert("mx.example.test")
+    await api.create_secret("gw-tls", {
+        "tls.crt": current.cert_chain_pems[0].bytes().decode(),
+        "tls.key": current.private_key_pem.bytes().decode()})  # fmt: skip
+    digest = spki_sha256(current.cert_chain_pems[0].bytes())
+    next_digest = spki_sha256(upcoming.cert_chain_pems[0].bytes())
+    mx_zone = """
+@ 300 IN SOA ns.example.test. hostmaster.example.test. 1 3600 600 86400 60
+_25._tcp.mx 300 IN TLSA 3 1 1 {digest}
+"""
+    dns_server.add_zone("example.test.", mx_zone.format(digest=digest))
+    settings = settings_for(dns_server, redis_url, str(kmock.url))
+    run = OperatorRun(settings.model_copy(update={"mx_tls_secret": "gw-tls"}))
+    await run.start()
+    try:
+        await api.apply("maildomains", "dane", {"domain": "dane.test"})
+
+        async def tlsa_listed() -> list[dict[str, Any]]:
+            obj = await api.get("maildomains", "dane")
+            listed = obj["status"]["dnsRecords"]
+            tlsa = [(r["type"], r["name"], r["value"]) for r in listed if r["type"] == "TLSA"]
+            assert tlsa == [("TLSA", "_25._tcp.mx.example.test.", f"3 1 1 {digest}")]
+            return [r for r in listed if r["type"] != "TLSA"]
+
+        listed = await eventually(tlsa_listed)
+        dns_server.add_zone("dane.test.", zone_from_records("dane.test.", listed))
+        await eventually(lambda: _dns_verified(api, "dane", "True"))
+
+        # cert-manager stages the next key (rotationPolicy: Always, a renewal has begun)
+        body = {
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "gw-tls-x7k2p", "namespace": api.namespace,
+                         "labels": {NEXT_KEY_LABEL: "true"},
+                         "ownerReferences": [{"apiVersion": "cert-manager.io/v1",
+                                              "kind": "Certificate", "name": "gw-tls",
+                                              "uid": "0b9c5d1e-cert"}]},
+            "stringData": {"tls.key": upcoming.private_key_pem.bytes().decode()},
+        }  # fmt: skip
+        await asyncio.to_thread(api.core.create_namespaced_secret, api.namespace, body)
+
+        async def warned() -> None:
+            obj = await api.get("maildomains", "dane")
+            values = [r["value"] for r in obj["status"]["dnsRecords"] if r["type"] == "TLSA"]
+            assert values == [f"3 1 1 {digest}", f"3 1 1 {next_digest}"]
+            bad = condition(obj, "DNSVerified")
+            assert (bad["status"], bad["reason"]) == ("False", "NextKeyNotInTLSA"), bad
+            assert ("Warning", "NextKeyNotInTLSA") in await events(api, "dane")
+
+        await eventually(warned)
+        dns_server.add_zone("example.test.", mx_zone.format(digest=digest)
+                            + f"_25._tcp.mx 300 IN TLSA 3 1 1 {next_digest}\n")  # fmt: skip
+        await eventually(lambda: _dns_verified(api, "dane", "True"))
+    finally:
+        await run.stop()

@@ -189,3 +189,28 @@ async def test_user_update_is_published(api: Api, operator: OperatorRun) -> None
 async def _ready(api: Api, name: str) -> None:
     ready = condition(await api.get("mailusers", name), "Ready")
     assert ready["status"] == "True", ready
+
+
+async def test_tls_policies_and_mta_sts_of_the_settings_and_specs_are_published(
+    kmock: kmock.KubernetesEmulator, api: Api, redis_url: str
+) -> None:
+    """The operator's tls_policies and a MailDomain's spec.mtaSts reach the table in Redis,
+    where the worker and the gateway read them."""
+    settings = operator_settings(redis_url, str(kmock.url), tls_policies="partner.example=dane")
+    run = OperatorRun(settings)
+    await run.start()
+    try:
+        await api.apply("maildomains", "sts", {
+            "domain": "sts.test", "mtaSts": {"mode": "enforce", "maxAge": 86400}})  # fmt: skip
+
+        async def published() -> None:
+            snapshot = await run.table()
+            assert snapshot.tls_policy("partner.example") == "dane"
+            domain = snapshot.domain("sts.test")
+            assert domain is not None
+            assert domain.mta_sts is not None
+            assert (domain.mta_sts.mode, domain.mta_sts.mx) == ("enforce", ["mx.example.test"])
+
+        await eventually(published)
+    finally:
+        await run.stop()

@@ -1,11 +1,13 @@
-"""The queue's semantics (ARCHITECTURE.md "Queue") against a real Redis: a private standalone
+"""The queue's semantics (docs/architecture.md "Queue") against a real Redis: a private standalone
 server with 1 partition, and a local 3-master Redis Cluster with 4 partitions."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -19,8 +21,11 @@ from mailkube_core.queue import (
     Claimed,
     Envelope,
     FailedRecipients,
+    Forward,
+    MailboxCopy,
     Notify,
     Queue,
+    QueueAdmin,
     QueueConsumer,
     Recipient,
     RecipientResult,
@@ -158,8 +163,8 @@ async def test_enqueue_claim_ack_keeps_body_and_envelope(queue: Queue, size: int
     await queue.record(claimed, {0: delivered()})
     settlement = await queue.settle(claimed)
     assert settlement.outcome == "done"
-    assert await queue.inspect(message_id) is None
-    stats = await queue.stats()
+    assert await QueueAdmin.of(queue).inspect(message_id) is None
+    stats = await QueueAdmin.of(queue).stats()
     assert stats.messages == 0
     assert all(s.ready == s.active == s.deferred == 0 for s in stats.lanes)
     assert await nothing_to_claim(queue)
@@ -246,7 +251,7 @@ async def test_defer_then_due_mover_returns_it_on_schedule(queue: Queue) -> None
     assert settlement.next_attempt is not None
     delay = settlement.next_attempt - now
     assert timedelta(minutes=4, seconds=30) <= delay <= timedelta(minutes=5, seconds=30)
-    info = await queue.inspect(message_id)
+    info = await QueueAdmin.of(queue).inspect(message_id)
     assert info is not None
     assert info.state == "deferred"
     assert info.attempts == 1
@@ -295,7 +300,7 @@ async def test_retries_exhausted_fail_the_rest_through_the_hook(
     assert first.status is RecipientStatus.FAILED
     assert first.enhanced_code == "4.4.7"
     assert "attempt 2" in (first.diagnostic or "")
-    assert await q.inspect(message_id) is None
+    assert await QueueAdmin.of(q).inspect(message_id) is None
 
 
 async def test_bounce_after_expires_an_old_message_on_first_deferral(
@@ -325,7 +330,7 @@ async def test_mixed_outcomes_report_each_failure_once(queue: Queue, failures: F
     await queue.record(again, {2: delivered()})
     assert (await queue.settle(again)).outcome == "done"
     assert len(failures.calls) == 1  # b was not reported a second time
-    assert await queue.inspect(message_id) is None
+    assert await QueueAdmin.of(queue).inspect(message_id) is None
 
 
 async def test_a_failing_hook_keeps_the_message_and_the_failure(
@@ -337,7 +342,7 @@ async def test_a_failing_hook_keeps_the_message_and_the_failure(
     failures.raise_next = True
     with pytest.raises(RuntimeError):
         await queue.settle(claimed)
-    info = await queue.inspect(message_id)
+    info = await QueueAdmin.of(queue).inspect(message_id)
     assert info is not None
     assert info.state == "active"
     assert not info.results[0].reported
@@ -368,35 +373,36 @@ def test_null_sender_and_notify_decide_dsns() -> None:
 
 
 async def test_list_inspect_retry_now_and_delete(queue: Queue) -> None:
+    admin = QueueAdmin.of(queue)
     ids = []
     for n in range(3):
         ids += await queue.enqueue(envelope(f"r{n}@remote.test"), b"x" * 10, is_local=is_local)
-    listed = await queue.list_messages()
+    listed = await admin.list_messages()
     assert sorted(m.id for m in listed) == sorted(ids)
     assert all(m.state == "queued" and m.size == 10 for m in listed)
 
     claimed = await claim_one(queue, lane="remote")
-    active = await queue.inspect(claimed.id)
+    active = await admin.inspect(claimed.id)
     assert active is not None
     assert active.state == "active"
     assert active.claimed_by == "c1"
     await queue.record(claimed, {0: deferred()})
     await queue.settle(claimed)
-    assert await queue.retry_now(claimed.id)
-    assert not await queue.retry_now(claimed.id)  # no longer deferred
-    info = await queue.inspect(claimed.id)
+    assert await admin.retry_now(claimed.id)
+    assert not await admin.retry_now(claimed.id)  # no longer deferred
+    info = await admin.inspect(claimed.id)
     assert info is not None
     assert info.state == "queued"
 
     gone = next(i for i in ids if i != claimed.id)
-    assert await queue.delete(gone)
-    assert not await queue.delete(gone)
+    assert await admin.delete(gone)
+    assert not await admin.delete(gone)
     remaining = set()
     while not await nothing_to_claim_ids(queue, remaining):
         pass
     assert gone not in remaining
     assert len(remaining) == 2
-    stats = await queue.stats()
+    stats = await admin.stats()
     assert stats.messages == 2
 
 
@@ -431,7 +437,7 @@ async def test_consumer_delivers_everything_once_and_stops(queue: Queue) -> None
     task = asyncio.create_task(consumer.run(stop))
 
     async def all_done() -> bool:
-        return (await queue.stats()).messages == 0
+        return (await QueueAdmin.of(queue).stats()).messages == 0
 
     await eventually(all_done, timeout=30)
     stop.set()
@@ -453,7 +459,7 @@ async def test_consumer_defers_when_the_handler_crashes(queue: Queue) -> None:
     task = asyncio.create_task(consumer.run(stop))
 
     async def is_deferred() -> bool:
-        info = await queue.inspect(message_id)
+        info = await QueueAdmin.of(queue).inspect(message_id)
         return info is not None and info.state == "deferred"
 
     await eventually(is_deferred)
@@ -513,11 +519,12 @@ async def test_claim_recreates_a_vanished_group(queue: Queue) -> None:
     assert (await claim_one(queue)).body == b"x"
 
 
-async def test_min_replicas_waits_for_a_replica_and_fails_without_one(
+async def test_replicas_wait_for_a_replica_and_fail_without_one(
     private_redis: Any, tmp_path: Any
 ) -> None:
-    """queue_min_replicas: enqueue returns once a replica holds the message (Redis WAIT), and
-    fails like a Redis outage (the gateway's 451) when none acknowledges in time."""
+    """enqueue_replicas: enqueue returns once a replica holds the message, and fails like a
+    Redis outage (the gateway's 451) when none acknowledges in time. A Redis without WAITAOF
+    (7.0) is found out once per connection: one "unknown command", then WAIT only."""
     from redis.exceptions import RedisError
     from redis_servers import RedisServer
 
@@ -525,8 +532,9 @@ async def test_min_replicas_waits_for_a_replica_and_fails_without_one(
         tmp_path / "replica", config={"replicaof": f"127.0.0.1 {private_redis.port}"}
     )
     replica.start()
-    primary = Redis.from_url(private_redis.url)
-    q = Queue(primary, prefix="repl", min_replicas=1, replica_timeout=timedelta(seconds=1))
+    primary = Redis.from_url(private_redis.url, max_connections=1)
+    q = Queue(primary, prefix="repl", replicas=1, replica_timeout=timedelta(seconds=1))
+    stats = Redis.from_url(private_redis.url)
     try:
 
         async def linked() -> bool:
@@ -535,15 +543,191 @@ async def test_min_replicas_waits_for_a_replica_and_fails_without_one(
                 info.get("slave0", {})
             )
 
+        async def calls(command: str) -> int:
+            info = await stats.info("commandstats")
+            return int(info.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        async def unknown_waitaof() -> int:
+            info = await stats.info("errorstats")
+            return int(info.get("errorstat_ERR", {}).get("count", 0))
+
         await eventually(linked, timeout=20)
-        (message_id,) = await q.enqueue(envelope("a@example.test"), b"x", is_local=is_local)
+        server = await primary.info("server")
+        has_waitaof = tuple(map(int, str(server["redis_version"]).split(".")[:2])) >= (7, 2)
+        waits_before, errors_before = await calls("wait"), await unknown_waitaof()
+        ids = [
+            (await q.enqueue(envelope(f"{n}@example.test"), b"x", is_local=is_local))[0]
+            for n in range(3)
+        ]
         replica_client = Redis.from_url(replica.url)
-        assert await replica_client.exists(q.keys(0).message(message_id)) == 1
+        for message_id in ids:
+            assert await replica_client.exists(q.keys(0).message(message_id)) == 1
         await replica_client.aclose()
+        if has_waitaof:
+            assert await calls("waitaof") >= 3
+        else:  # one try of WAITAOF on the one connection, then WAIT for each message
+            assert await calls("wait") - waits_before == 3
+            assert await unknown_waitaof() - errors_before == 1
 
         replica.stop()
         with pytest.raises(RedisError, match="0 of 1 replicas"):
             await q.enqueue(envelope("b@example.test"), b"x", is_local=is_local)
+        # the connection is fit for more: the next enqueue on it gets its own answer
+        with pytest.raises(RedisError, match="0 of 1 replicas"):
+            await q.enqueue(envelope("c@example.test"), b"x", is_local=is_local)
     finally:
         replica.stop()
         await primary.aclose()
+        await stats.aclose()
+
+
+async def test_replicas_survive_a_flushed_script_cache(private_redis: Any, tmp_path: Any) -> None:
+    """After SCRIPT FLUSH (as after a failover to a server that never ran it) the script is
+    loaded again on the same connection and the message is queued once."""
+    from redis_servers import RedisServer
+
+    replica = RedisServer(
+        tmp_path / "replica", config={"replicaof": f"127.0.0.1 {private_redis.port}"}
+    )
+    replica.start()
+    primary = Redis.from_url(private_redis.url)
+    q = Queue(primary, prefix="flushed", replicas=1, replica_timeout=timedelta(seconds=2))
+    try:
+
+        async def linked() -> bool:
+            info = await primary.info("replication")
+            return "online" in str(info.get("slave0", {}))
+
+        await eventually(linked, timeout=20)
+        await q.enqueue(envelope("a@example.test"), b"x", is_local=is_local)
+        await primary.script_flush()
+        await q.enqueue(envelope("b@example.test"), b"y", is_local=is_local)
+        assert await primary.zcard(q.keys(0).messages) == 2
+    finally:
+        replica.stop()
+        await primary.aclose()
+
+
+async def tally_items(q: Queue, partition: int) -> list[dict[str, Any]]:
+    entries: Any = await q.redis.xrange(q.keys(partition).tally)
+    return [item for _, fields in entries for item in json.loads(fields[b"items"])]
+
+
+async def test_finish_delivered_counts_each_delivery_once_and_removes_the_batch(
+    make_queue: Callable[..., Queue],
+) -> None:
+    """The local lane's batch settle: one script records what each delivery counts and
+    removes every message; what an earlier attempt already counted is not counted again, and
+    a message deleted meanwhile leaves no entry behind."""
+    q = make_queue(partitions=1)
+    await q.ensure_groups()
+    ids = [(await q.enqueue(envelope(*rcpts), b"m", is_local=is_local))[0]
+           for rcpts in (["a@example.test"], ["a@example.test", "b@example.test"],
+                         ["c@example.test"])]  # fmt: skip
+    batch = await q.claim("pod-a", "local", 0, count=10, block=None)
+    assert [c.id for c in batch] == ids
+
+    def copies(claimed: Claimed) -> list[MailboxCopy]:
+        return [MailboxCopy(r.address, claimed.id, 10, None, claimed.envelope.received_at)
+                for r in claimed.envelope.recipients]  # fmt: skip
+
+    # an earlier attempt stored and recorded a's copy of the second message, then died
+    await q.record(batch[1], {0: delivered()}, copies(batch[1])[:1])
+    await QueueAdmin.of(q).delete(ids[2])  # deleted from the CLI while it was being delivered
+    found = await q.finish_delivered([(c, c.pending(), copies(c)) for c in batch])
+    assert found == 2
+    items = await tally_items(q, 0)
+    counted = Counter((i["message_id"], i["mailbox"]) for i in items if "mailbox" in i)
+    assert counted == {(ids[0], "a@example.test"): 1, (ids[1], "a@example.test"): 1,
+                       (ids[1], "b@example.test"): 1}  # fmt: skip
+    assert sum(i["n"] for i in items if i.get("outcome") == "delivered") == 3
+    stats = await QueueAdmin.of(q).stats()
+    assert stats.messages == 0
+    assert all(s.ready == s.active == s.deferred == 0 for s in stats.lanes)
+    assert await nothing_to_claim(q)
+
+
+async def test_finish_delivered_queues_forwards_once_and_only_for_a_message_still_there(
+    make_queue: Callable[..., Queue],
+) -> None:
+    """A batch's forwards are queued by the settling script: in the remote lane of the
+    claim's partition, with their envelope and body; none for a message deleted meanwhile;
+    and settling the same claims again (a worker that died before it knew the reply) queues
+    nothing twice."""
+    q = make_queue(partitions=1)
+    await q.ensure_groups()
+    for name in ("a", "b"):
+        await q.enqueue(envelope(f"{name}@example.test"), b"m", is_local=is_local)
+    batch = await q.claim("pod-a", "local", 0, count=10, block=None)
+    await QueueAdmin.of(q).delete(batch[1].id)
+    forwards = {c.id: [Forward(0, envelope("far@remote.test"), b"Delivered-To: x\r\n" + c.body)]
+                for c in batch}  # fmt: skip
+    assert await q.finish_delivered([(c, c.pending(), []) for c in batch], forwards) == 1
+    assert await q.finish_delivered([(c, c.pending(), []) for c in batch], forwards) == 0
+    remote = await q.claim("pod-a", "remote", 0, count=10, block=None)
+    assert [c.envelope.recipients[0].address for c in remote] == ["far@remote.test"]
+    assert remote[0].body == b"Delivered-To: x\r\nm"
+    assert remote[0].envelope.mail_from == batch[0].envelope.mail_from
+    stats = await QueueAdmin.of(q).stats()
+    assert stats.messages == 1
+
+
+async def test_record_queues_a_recipients_forward_once_with_its_result(
+    make_queue: Callable[..., Queue],
+) -> None:
+    """A forward recorded with its recipient's result is queued by that script: recording it
+    again (a worker killed before it knew the reply, or two consumers racing on one claim)
+    queues nothing more, and a message deleted meanwhile forwards nothing."""
+    q = make_queue(partitions=1)
+    await q.ensure_groups()
+    for name in ("a", "b"):
+        await q.enqueue(envelope(f"{name}@example.test"), b"m", is_local=is_local)
+    kept, deleted = await q.claim("pod-a", "local", 0, count=10, block=None)
+    await QueueAdmin.of(q).delete(deleted.id)
+    for claimed in (kept, deleted, kept):
+        forward = Forward(0, envelope("far@remote.test"), b"Delivered-To: x\r\n" + claimed.body)
+        await q.record(claimed, {0: delivered()}, [], [forward])
+    remote = await q.claim("pod-a", "remote", 0, count=10, block=None)
+    assert [c.envelope.recipients[0].address for c in remote] == ["far@remote.test"]
+    assert remote[0].body == b"Delivered-To: x\r\nm"
+    assert (await QueueAdmin.of(q).stats()).messages == 2
+
+
+async def test_consumer_hands_batches_of_a_batched_lane_to_the_batch_handler(
+    queue: Queue,
+) -> None:
+    """Claims of a batched lane go to the batch handler together, up to batch_size, each
+    batch one slot; other lanes still go one by one to the handler."""
+    ids = set()
+    for n in range(40):
+        ids.update(await queue.enqueue(envelope(f"a{n}@example.test", f"b{n}@remote.test"),
+                                       b"m", is_local=is_local))  # fmt: skip
+    batches: list[list[str]] = []
+    single: list[str] = []
+
+    async def batch_handler(batch: list[Claimed]) -> None:
+        batches.append([c.id for c in batch])
+        await queue.finish_delivered([(c, c.pending(), []) for c in batch])
+
+    async def handler(claimed: Claimed) -> None:
+        single.append(claimed.id)
+        await queue.record(claimed, {i: delivered() for i in claimed.pending()})
+        await queue.settle(claimed)
+
+    consumer = QueueConsumer(queue, "pod-1", ["local", "remote"], handler, concurrency=1,
+                             poll=timedelta(milliseconds=50), batch_handler=batch_handler,
+                             batch_lanes=["local"], batch_size=8)  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+
+    async def all_done() -> bool:
+        return (await QueueAdmin.of(queue).stats()).messages == 0
+
+    await eventually(all_done, timeout=30)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    local = [message_id for batch in batches for message_id in batch]
+    assert len(local) == len(set(local)) == 40
+    assert len(single) == len(set(single)) == 40
+    assert set(local) | set(single) == ids
+    assert max(len(b) for b in batches) == 8

@@ -13,12 +13,14 @@ from redis.asyncio import Redis
 
 from mailkube_core.routing import (
     Domain,
+    DomainEntry,
     RoutingReader,
     RoutingSnapshot,
     RoutingStore,
     RoutingTable,
     User,
     VersionConflict,
+    split_table,
 )
 
 PREFIX = "mkt"
@@ -112,11 +114,9 @@ async def test_replace_bumps_the_version_and_load_sees_it(store: RoutingStore) -
 async def test_keys_share_one_hash_tag(store: RoutingStore, redis: Redis) -> None:
     await store.replace(make_table("one.test"))
     tag = f"{{{PREFIX}:routing}}"
-    assert store.table_key.startswith(tag)
-    assert store.version_key.startswith(tag)
-    assert sorted(await redis.keys("*")) == sorted(
-        [store.table_key.encode(), store.version_key.encode()]
-    )
+    written = [store.version_key, store.domains_key, store.domain_versions_key, store.globals_key]
+    assert all(key.startswith(tag) for key in [*written, store.table_key])
+    assert sorted(await redis.keys("*")) == sorted(key.encode() for key in written)
 
 
 async def test_secrets_survive_the_round_trip(store: RoutingStore) -> None:
@@ -213,9 +213,10 @@ async def test_missed_notification_is_caught_by_the_periodic_check(
     reader = await start_reader(store, readers, timedelta(milliseconds=200))
 
     # change the table behind the reader's back: no PUBLISH
-    table = make_table("sneaky.test", users=("eve@sneaky.test",))
-    await redis.set(store.table_key, table.model_dump_json())
+    entry = DomainEntry(domain=Domain(name="sneaky.test"), users=[User(address="eve@sneaky.test")])
     version = await redis.incr(store.version_key)
+    await redis.hset(store.domains_key, "sneaky.test", entry.model_dump_json())
+    await redis.hset(store.domain_versions_key, "sneaky.test", version)
 
     snapshot = await wait_for(reader, version, 3.0)
     assert snapshot.version == version
@@ -297,3 +298,133 @@ async def _logged(caplog: pytest.LogCaptureFixture, text: str) -> bool:
 
 async def _is_local(reader: RoutingReader, domain: str) -> bool:
     return reader.snapshot.is_local_domain(domain)
+
+
+async def test_a_version_taken_again_after_a_failover_is_reloaded_on_reconnect(
+    store: RoutingStore, readers: list[RoutingReader], redis: Redis
+) -> None:
+    """A write lost in a failover frees its version, and the next write takes it with other
+    content: a reader whose connection broke (as in the failover) compares the content."""
+    await store.replace(make_table("one.test"))
+    reader = await start_reader(store, readers, timedelta(milliseconds=200))
+    version = reader.snapshot.version
+
+    # the promoted replica's table: same version, other content (no PUBLISH reached us)
+    entry = DomainEntry(domain=Domain(name="two.test"))
+    await redis.hset(store.domains_key, "two.test", entry.model_dump_json())
+    await redis.hset(store.domain_versions_key, "two.test", version)
+    await redis.client_kill_filter(_type="pubsub")  # the reader's connection breaks
+
+    async def reloaded() -> bool:
+        return reader.snapshot.is_local_domain("two.test")
+
+    await eventually(reloaded, timeout=10)
+    assert reader.snapshot.version == version
+
+
+# -- per-domain deltas -------------------------------------------------------------------------
+
+
+def domain_versions(raw: dict[bytes, bytes]) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in raw.items()}
+
+
+async def test_a_change_to_one_domain_writes_and_fetches_only_that_domain(
+    store: RoutingStore, readers: list[RoutingReader], redis: Redis
+) -> None:
+    users = ("a@one.test", "b@two.test", "c@three.test")
+    v1 = await store.replace(make_table("one.test", "two.test", "three.test", users=users))
+    reader = await start_reader(store, readers, timedelta(seconds=30))
+    assert reader.fetched == 3
+    before = {k: await redis.hget(store.domains_key, k) for k in ("one.test", "three.test")}
+
+    v2 = await store.replace(
+        make_table("one.test", "two.test", "three.test", users=(*users, "d@two.test"))
+    )
+    assert domain_versions(await redis.hgetall(store.domain_versions_key)) == {
+        "one.test": v1, "two.test": v2, "three.test": v1}  # fmt: skip
+    assert {k: await redis.hget(store.domains_key, k) for k in before} == before
+    snapshot = await wait_for(reader, v2, 2.0)
+    assert reader.fetched == 1
+    assert snapshot.resolve("d@two.test") is not None
+    assert snapshot.resolve("c@three.test") is not None
+    # the table's order is kept (the first domain is the postmaster's fallback)
+    assert [d.name for d in snapshot.table.domains] == ["one.test", "two.test", "three.test"]
+
+
+async def test_a_deleted_domain_disappears(
+    store: RoutingStore, readers: list[RoutingReader], redis: Redis
+) -> None:
+    await store.replace(make_table("one.test", "two.test", users=("a@one.test", "b@two.test")))
+    reader = await start_reader(store, readers, timedelta(seconds=30))
+    version = await store.replace(make_table("one.test", users=("a@one.test",)))
+    assert await redis.hkeys(store.domains_key) == [b"one.test"]
+    assert await redis.hkeys(store.domain_versions_key) == [b"one.test"]
+    snapshot = await wait_for(reader, version, 2.0)
+    assert reader.fetched == 0
+    assert not snapshot.is_local_domain("two.test")
+    assert snapshot.resolve("b@two.test") is None
+    assert snapshot.resolve("a@one.test") is not None
+
+
+async def test_missed_deltas_are_caught_up_by_the_periodic_check(
+    store: RoutingStore, readers: list[RoutingReader], redis: Redis
+) -> None:
+    await store.replace(make_table("one.test", "two.test", "three.test"))
+    reader = await start_reader(store, readers, timedelta(milliseconds=200))
+    quiet = RoutingStore(redis, prefix=PREFIX)
+    quiet.channel = "nobody-listens"  # the deltas' notifications are lost
+    entry = DomainEntry(domain=Domain(name="two.test"), users=[User(address="x@two.test")])
+    globals_json = (await redis.get(store.globals_key)).decode()
+    await quiet.apply({"two.test": entry.model_dump_json()}, [], globals_json)
+    version = await quiet.apply({}, ["three.test"], globals_json)
+
+    snapshot = await wait_for(reader, version, 3.0)
+    assert reader.fetched == 1
+    assert snapshot.resolve("x@two.test") is not None
+    assert not snapshot.is_local_domain("three.test")
+    assert snapshot.is_local_domain("one.test")
+
+
+async def test_apply_with_an_expected_version_refuses_a_newer_table(
+    store: RoutingStore, redis: Redis
+) -> None:
+    v1 = await store.replace(make_table("one.test"))
+    await store.replace(make_table("one.test", "two.test"))
+    with pytest.raises(VersionConflict):
+        await store.apply({}, ["one.test"], "{}", expected_version=v1)
+    assert sorted(await redis.hkeys(store.domains_key)) == [b"one.test", b"two.test"]
+
+
+async def test_replace_entries_writes_only_what_differs(store: RoutingStore) -> None:
+    entries, globals_ = split_table(make_table("one.test", "two.test", users=("a@one.test",)))
+    documents = {name: entry.model_dump_json() for name, entry in entries.items()}
+    assert (await store.replace_entries(documents, globals_.model_dump_json()))[1] == 2
+    version, written = await store.replace_entries(documents, globals_.model_dump_json())
+    assert written == 0
+    assert (await store.load()).version == version
+    del documents["two.test"]
+    assert (await store.replace_entries(documents, globals_.model_dump_json()))[1] == 1
+    assert not (await store.load()).is_local_domain("two.test")
+
+
+async def test_the_table_of_the_layout_before_is_read_until_a_new_write(
+    store: RoutingStore, readers: list[RoutingReader], redis: Redis
+) -> None:
+    """An operator of the version before wrote the whole table in one key: readers take it,
+    and the first write in per-domain entries replaces it (the old key is left alone for
+    readers of that version)."""
+    old = make_table("old.test", users=("ann@old.test",))
+    await redis.set(store.table_key, old.model_dump_json())
+    await redis.set(store.version_key, 7)
+    reader = await start_reader(store, readers, timedelta(milliseconds=200))
+    assert reader.snapshot.version == 7
+    assert reader.snapshot.resolve("ann@old.test") is not None
+    assert (await store.load()).resolve("ann@old.test") is not None
+
+    version = await store.replace(make_table("new.test"))
+    assert version == 8
+    snapshot = await wait_for(reader, version, 2.0)
+    assert snapshot.is_local_domain("new.test")
+    assert not snapshot.is_local_domain("old.test")
+    assert await redis.get(store.table_key) == old.model_dump_json().encode()

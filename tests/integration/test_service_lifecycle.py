@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+
+from redis_servers import free_port
 
 SAMPLE = """
 import asyncio
@@ -27,12 +28,6 @@ async def main(settings, service):
 
 run_service("sample", WorkerSettings, main)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start(env: dict[str, str]) -> subprocess.Popen[str]:

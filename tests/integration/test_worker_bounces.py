@@ -20,7 +20,7 @@ from worker_harness import (
     worker_settings,
 )
 
-from mailkube_core.queue import Notify, Queue, Recipient
+from mailkube_core.queue import Notify, Queue, QueueAdmin, Recipient
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import User
 from mailkube_core.telemetry import Telemetry
@@ -61,7 +61,7 @@ async def test_a_bounce_that_fails_is_not_bounced(
             await enqueue(settings, ["nobody@example.test", "alice@example.test"], mail_from="",
                           routing=routing)  # fmt: skip
             await eventually(lambda: queue_empty(settings))
-        stats = await queue.stats()
+        stats = await QueueAdmin.of(queue).stats()
     finally:
         await redis.aclose()
     assert len(maildir_files(settings.mail_root, "alice@example.test")) == 1
@@ -95,11 +95,11 @@ async def test_delay_dsn_once_after_the_warning_time(
             (notice,) = await eventually(lambda: _files(settings.mail_root, "carol@example.test"))
 
             async def tried_again() -> Any:
-                info = await queue.inspect(message_id)
+                info = await QueueAdmin.of(queue).inspect(message_id)
                 return info if info and info.attempts >= 5 else None
 
             await eventually(tried_again)
-            await queue.delete(message_id)
+            await QueueAdmin.of(queue).delete(message_id)
     finally:
         await redis.aclose()
     assert len(maildir_files(settings.mail_root, "carol@example.test")) == 1  # only once

@@ -25,7 +25,7 @@ from worker_harness import (
 )
 
 from mailkube_core.cli import queue_cmd
-from mailkube_core.queue import Queue
+from mailkube_core.queue import Queue, QueueAdmin
 from mailkube_core.queue.envelope import utcnow
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import User
@@ -133,7 +133,7 @@ async def test_unknown_mailbox_bounces_to_a_local_sender_into_her_maildir(
     redis = connect_redis(settings)
     try:
         stats = await Counters(redis, settings.key_prefix).outcome_stats(utcnow().date())
-        await queue_cmd.stats(Queue.from_settings(settings, redis))
+        await queue_cmd.stats(QueueAdmin.from_settings(settings, redis))
     finally:
         await redis.aclose()
     assert stats["example.test"] == {"delivered": 1, "deferred": 0, "bounced": 1}
@@ -151,16 +151,16 @@ async def test_over_quota_defers_then_bounces_when_retries_run_out(
     tiny = User(address="alice@example.test", quota=100)
     routing = await apply_routing(settings, table(tiny))
     redis = connect_redis(settings)
-    queue = Queue.from_settings(settings, redis)
+    admin = QueueAdmin.from_settings(settings, redis)
     try:
         async with running_worker(settings, telemetry):
             (message_id,) = await enqueue(settings, ["alice@example.test"], routing=routing)
 
             async def bounce_queued() -> list[Any]:
-                return [m for m in await queue.list_messages() if m.envelope.mail_from == ""]
+                return [m for m in await admin.list_messages() if m.envelope.mail_from == ""]
 
             (dsn,) = await eventually(bounce_queued)
-        body = await queue.body(dsn.id)
+        body = await admin.body(dsn.id)
     finally:
         await redis.aclose()
     assert maildir_files(tmp_path / "mail", "alice@example.test") == []
@@ -180,16 +180,16 @@ async def test_forward_to_a_remote_address_becomes_a_remote_message(
                      keep_copy=True)  # fmt: skip
     routing = await apply_routing(settings, table(forwarder))
     redis = connect_redis(settings)
-    queue = Queue.from_settings(settings, redis)
+    admin = QueueAdmin.from_settings(settings, redis)
     try:
         async with running_worker(settings, telemetry):
             await enqueue(settings, ["alice@example.test"], routing=routing)
 
             async def forwarded() -> list[Any]:
-                return [m for m in await queue.list_messages() if m.lane == "remote"]
+                return [m for m in await admin.list_messages() if m.lane == "remote"]
 
             (copy,) = await eventually(forwarded)
-        body = await queue.body(copy.id)
+        body = await admin.body(copy.id)
     finally:
         await redis.aclose()
     assert len(maildir_files(tmp_path / "mail", "alice@example.test")) == 1
@@ -227,9 +227,9 @@ async def test_retry_after_a_crash_between_write_and_record_writes_no_second_cop
     await queue.ensure_groups()
     (claimed,) = await queue.claim("dead-pod", "local", 0, count=1, block=None)
     counters = Counters(redis, settings.key_prefix)
-    local = LocalDelivery(settings.mail_root, settings.hostname, lambda: routing, counters, queue)
-    result = await local.deliver(claimed, 0, set())  # written, never recorded
-    assert result.status == "delivered"
+    local = LocalDelivery(settings.mail_root, settings.hostname, lambda: routing, counters)
+    outcome = await local.deliver(claimed, 0, set())  # written, never recorded
+    assert outcome.result.status == "delivered"
     (first,) = maildir_files(tmp_path / "mail", "alice@example.test")
     # an IMAP client has seen it meanwhile: new/ -> cur/ with flags
     (first.parent.parent / "cur").mkdir(exist_ok=True)

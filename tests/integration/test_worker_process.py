@@ -4,11 +4,7 @@ of a delivery; several worker processes sharing one queue (what `kubectl scale` 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +14,7 @@ from conditions import eventually
 from dns_server import DnsServer
 from fake_mx import MxFarm, Script
 from worker_harness import (
+    WorkerProcess,
     apply_routing,
     enqueue,
     http_status,
@@ -27,58 +24,11 @@ from worker_harness import (
     worker_settings,
 )
 
-from mailkube_core.queue import Queue
+from mailkube_core.queue import QueueAdmin
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import User
-from mailkube_core.settings import WorkerSettings
 
 ALICE = User(address="alice@example.test")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class WorkerProcess:
-    def __init__(self, settings: WorkerSettings, pod: str, *args: str, **env: str) -> None:
-        self.port = free_port()
-        self.log = Path(settings.mail_root).parent / f"{pod}.log"
-        environment = {
-            **os.environ,
-            "HOSTNAME": pod,
-            "MAILKUBE_REDIS_URL": settings.redis_url,
-            "MAILKUBE_KEY_PREFIX": settings.key_prefix,
-            "MAILKUBE_HOSTNAME": settings.hostname,
-            "MAILKUBE_MAIL_ROOT": str(settings.mail_root),
-            "MAILKUBE_TELEMETRY_LISTEN": f"127.0.0.1:{self.port}",
-            "MAILKUBE_QUEUE_POLL_INTERVAL": "50ms",
-            "MAILKUBE_RETRY_INTERVALS": "200ms",
-            **env,
-        }
-        environment.pop("MAILKUBE_CONFIG", None)
-        with self.log.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "mailkube_worker", *args],
-                env=environment, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    async def ready(self) -> None:
-        async def probe() -> bool:
-            assert self.process.poll() is None, self.log.read_text()
-            return await http_status(self.port, "/readyz") == 200
-
-        await eventually(probe, timeout=30)
-
-    def stop(self) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(30)
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(30)
 
 
 @pytest.fixture
@@ -221,7 +171,7 @@ async def test_sigterm_lets_a_delivery_in_flight_finish(
     assert [r.rcpt_tos for r in mx.received] == [["hank@retry.test"]]
     redis = connect_redis(settings)
     try:
-        info = await Queue.from_settings(settings, redis).inspect(later)
+        info = await QueueAdmin.from_settings(settings, redis).inspect(later)
     finally:
         await redis.aclose()
     assert info is not None

@@ -22,7 +22,7 @@ from worker_harness import (
     worker_settings,
 )
 
-from mailkube_core.queue import Queue, Recipient
+from mailkube_core.queue import Queue, QueueAdmin, Recipient
 from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import RelayHost, User
 from mailkube_core.settings import WorkerSettings
@@ -66,7 +66,7 @@ async def first_attempt(settings: WorkerSettings, telemetry: Telemetry, recipien
             )
 
             async def attempted() -> Any:
-                info = await queue.inspect(message_id)
+                info = await QueueAdmin.of(queue).inspect(message_id)
                 return info if info and info.attempts >= 1 else None
 
             return await eventually(attempted)

@@ -47,14 +47,42 @@ def run_service(
     prog = f"mailkube-{name}"
     settings = load_settings_or_exit(settings_model, prog)
     setup_logging(name, settings.log_level, settings.log_format)
+    raise_fd_limit()
     try:
-        asyncio.run(_run(name, settings, main))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(_run(name, settings, main))
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         sys.exit(130)
     except SettingsError as exc:  # found while starting (e.g. an unreadable certificate)
         for line in str(exc).splitlines():
             print(f"{prog}: {line}", file=sys.stderr)
         sys.exit(2)
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit (RLIMIT_NOFILE) to its hard limit, as far as
+    the container allows; the soft limit is often 1024, a thousand connections. Returns the
+    limit now in force."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-file limit", extra={"error": repr(exc)})
+    return soft
+
+
+def loop_factory(kind: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `event_loop` names (None: asyncio's default)."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 async def _run(name: str, settings: S, main: Callable[[S, Service], Awaitable[None]]) -> None:

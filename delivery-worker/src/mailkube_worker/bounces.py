@@ -120,6 +120,9 @@ class Bouncer:
             smtputf8=not envelope.mail_from.isascii(),
             body_type="8BITMIME" if not report.isascii() else "7BIT",
             trace_context=envelope.trace_context,
+            # RFC 8689 §5: the report of a REQUIRETLS message (its headers, or all of it
+            # under RET=FULL) goes back under REQUIRETLS too
+            requiretls=envelope.requiretls,
         )
         ids = await self.queue.enqueue(dsn_envelope, report, is_local=self.routing().is_local)
         log.info(

@@ -170,8 +170,10 @@ def build_dsn(
             status_lines.append(f"Will-Retry-Until: {format_datetime(retry_until)}")
 
     # RFC 3461 §4.3: RET=FULL asks for the whole message; headers otherwise (and for a
-    # message too big to send back)
-    if envelope.ret == "FULL" and len(body) <= full_limit:
+    # message too big to send back, or a binary one: the report is not BINARYMIME, and
+    # RFC 3030 §3 forbids sending binary content without it)
+    binary = envelope.body_type == "BINARYMIME"
+    if envelope.ret == "FULL" and len(body) <= full_limit and not binary:
         returned_type, returned = "message/rfc822", _crlf(body)
         description = "Message"
     else:

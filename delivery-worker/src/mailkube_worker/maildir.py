@@ -1,4 +1,4 @@
-"""Maildir delivery (ARCHITECTURE.md "Maildir"): `<root>/<domain>/<localpart>/{tmp,new,cur}`,
+"""Maildir delivery (docs/architecture.md "Maildir"): `<root>/<domain>/<localpart>/{tmp,new,cur}`,
 Maildir++ subfolders such as `.Junk/` beside them.
 
 A message is written to `tmp/`, fsynced, renamed into `new/`, and `new/` is fsynced, so once
@@ -14,14 +14,15 @@ copy.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
 
-from mailkube_core.mailbox import mailbox_dir
+from mailkube_core.mailbox import delivery_name, mailbox_dir
 
 _SUBDIRS = ("new", "cur", "tmp")
 
@@ -42,19 +43,37 @@ def mailbox_path(root: Path, address: str, folder: str | None = None) -> Path:
 
 
 def unique_name(message_id: str, address: str, arrived: datetime, host: str, size: int) -> str:
-    """The maildir file name for one message in one mailbox (maildir(5): time.unique.host).
-    `/` and `:` in the host name are escaped as the maildir convention asks."""
-    digest = hashlib.blake2s(f"{message_id}\0{address}".encode(), digest_size=6).hexdigest()
-    unique = message_id.replace(".", "_") + "_" + digest
-    host = host.replace("/", r"\057").replace(":", r"\072")
-    return f"{int(arrived.timestamp())}.M{unique}.{host},S={size}"
+    """The maildir file name for one message in one mailbox (mailkube_core.mailbox's
+    delivery_name: the recount reads the message id back from it)."""
+    return delivery_name(message_id, address, arrived, host, size)
 
 
-def render(body: bytes, return_path: str, delivered_to: str) -> bytes:
+class StoredForm(NamedTuple):
+    body: bytes
+    newline: str
+
+
+def stored_form(body: bytes, body_type: str) -> StoredForm:
+    """The message as a maildir file holds it: LF line ends, as maildir readers expect; a
+    BINARYMIME message (RFC 3030) byte for byte with CRLF line ends, since a CR LF in binary
+    content is data (maildir readers such as Dovecot take CRLF files)."""
+    if body_type == "BINARYMIME":
+        return StoredForm(body, "\r\n")
+    return StoredForm(body.replace(b"\r\n", b"\n"), "\n")
+
+
+def render(body: bytes, return_path: str, delivered_to: str, body_type: str = "7BIT") -> bytes:
     """The file's content: Return-Path and Delivered-To (RFC 5321 §4.4; Delivered-To also
-    stops forwarding loops), then the message with LF line ends, as maildir readers expect."""
-    head = f"Return-Path: <{return_path}>\nDelivered-To: {delivered_to}\n".encode()
-    return head + body.replace(b"\r\n", b"\n")
+    stops forwarding loops), then the message (`stored_form`)."""
+    return b"".join(render_parts(stored_form(body, body_type), return_path, delivered_to))
+
+
+def render_parts(stored: StoredForm, return_path: str, delivered_to: str) -> list[bytes]:
+    """`render`'s content as the head and the body (already in `stored_form`, so several
+    mailboxes share one converted body), for writev."""
+    nl = stored.newline
+    head = f"Return-Path: <{return_path}>{nl}Delivered-To: {delivered_to}{nl}".encode()
+    return [head, stored.body]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -132,9 +151,78 @@ def create(box: Path) -> None:
 def store(box: Path, name: str, content: bytes, *, check_existing: bool) -> Stored:
     """Write `content` as `name` into the maildir `box` (blocking: run it in a thread).
     With `check_existing` (a message handled before), a copy already there is kept as is."""
-    final = box / "new" / name
+    stored = _place(box, name, [content], check_existing=check_existing)
+    if not stored.duplicate:
+        fsync_after_rename(stored.path.parent)
+    return stored
+
+
+@dataclass(frozen=True)
+class Copy:
+    """One file for `store_many`: its content is `parts` joined (written with writev)."""
+
+    box: Path
+    name: str
+    parts: list[bytes]
+    check_existing: bool
+
+
+def store_many(copies: list[Copy], fsyncs: Executor) -> list[Stored | OSError]:
+    """`store` for each copy, together (blocking: run it in a thread): every file written to
+    tmp/, the files fsynced in parallel on `fsyncs`' threads (concurrent fsyncs share the
+    filesystem's journal commits; one after the other, each waits for its own), renamed into
+    new/, then each new/ fsynced once. A copy whose write, fsync, rename or directory fsync
+    failed gets its OSError; the others are durable when this returns."""
+    out: list[Stored | OSError] = []
+    opened: list[tuple[int, int]] = []  # (index in out, fd)
+    try:
+        for copy in copies:
+            try:
+                placed = _write(copy.box, copy.name, copy.parts, check_existing=copy.check_existing)
+            except OSError as error:
+                out.append(error)
+                continue
+            if isinstance(placed, Stored):
+                out.append(placed)  # a duplicate: already there
+            else:
+                opened.append((len(out), placed))
+                out.append(Stored(copy.box / "new" / copy.name, _size(copy.parts), False))
+        synced = [(i, fsyncs.submit(os.fsync, fd)) for i, fd in opened]
+        for i, future in synced:
+            failure = future.exception()
+            if isinstance(failure, OSError):
+                out[i] = failure
+            elif failure is not None:
+                raise failure
+    finally:
+        for _, fd in opened:
+            os.close(fd)
+    for i, copy in enumerate(copies):
+        stored = out[i]
+        if isinstance(stored, Stored) and not stored.duplicate:
+            try:
+                os.rename(copy.box / "tmp" / copy.name, stored.path)
+            except OSError as error:
+                out[i] = error
+    # a duplicate's directory too: the attempt that renamed it may have died before its fsync
+    for directory in {s.path.parent for s in out if isinstance(s, Stored)}:
+        try:
+            fsync_after_rename(directory)
+        except OSError as error:
+            out = [error if isinstance(s, Stored) and s.path.parent == directory else s
+                   for s in out]  # fmt: skip
+    return out
+
+
+def _size(parts: list[bytes]) -> int:
+    return sum(len(p) for p in parts)
+
+
+def _write(box: Path, name: str, parts: list[bytes], *, check_existing: bool) -> Stored | int:
+    """The copy already there (with `check_existing`), or the open fd of tmp/`name` holding
+    `parts` (not yet fsynced)."""
     if check_existing and _exists(box, name):
-        return Stored(final, len(content), duplicate=True)
+        return Stored(box / "new" / name, _size(parts), duplicate=True)
     temporary = box / "tmp" / name
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -142,12 +230,26 @@ def store(box: Path, name: str, content: bytes, *, check_existing: bool) -> Stor
         create(box)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(content)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
+        written = os.writev(fd, parts)
+        if written < _size(parts):  # a short write (a signal, a full disk): the rest in turn
+            view = memoryview(b"".join(parts))[written:]
+            while view:
+                view = view[os.write(fd, view) :]
+    except BaseException:
         os.close(fd)
-    os.rename(temporary, final)
-    fsync_after_rename(final.parent)
-    return Stored(final, len(content), duplicate=False)
+        raise
+    return fd
+
+
+def _place(box: Path, name: str, parts: list[bytes], *, check_existing: bool) -> Stored:
+    """Written to tmp/, fsynced and renamed into new/ (not yet durable: new/ needs its fsync)."""
+    placed = _write(box, name, parts, check_existing=check_existing)
+    if isinstance(placed, Stored):
+        return placed
+    try:
+        os.fsync(placed)
+    finally:
+        os.close(placed)
+    final = box / "new" / name
+    os.rename(box / "tmp" / name, final)
+    return Stored(final, _size(parts), duplicate=False)

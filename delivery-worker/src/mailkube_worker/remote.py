@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 from mailkube_core.addresses import split_address
 from mailkube_core.queue import Claimed, Recipient, RecipientResult, RecipientStatus
@@ -26,10 +28,17 @@ from .mx import Host, MxLookupError, MxResolver
 from .results import deferred, failed
 from .smarthost import Relay, relay_for
 from .smtp_client import Peer, SessionError, SmtpSession, TlsMode
+from .tlspolicy.decide import Refusal
+from .tlspolicy.enforcer import DomainTls, TlsPolicies
 
 log = logging.getLogger(__name__)
 
+#: RFC 8689 §5 "TLS-Required: No" in the message header
+_TLS_REQUIRED_NO = re.compile(rb"^TLS-Required:[ \t]*No[ \t]*\r?$", re.IGNORECASE | re.MULTILINE)
+
 Recorder = Callable[[Mapping[int, RecipientResult]], Awaitable[None]]
+#: takes one destination's messages of a batch with their results, once all are known
+Settler = Callable[[list[tuple[Claimed, dict[int, RecipientResult]]]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,10 @@ class RemoteDelivery:
         routing: Callable[[], RoutingSnapshot],
         resolver: MxResolver,
         pool: ConnectionPool,
+        tls_policies: TlsPolicies | None = None,
     ) -> None:
         self.settings = settings
+        self.tls_policies = tls_policies
         self.routing = routing
         self.resolver = resolver
         self.pool = pool
@@ -110,6 +121,48 @@ class RemoteDelivery:
         await asyncio.gather(*(one(d, indexes) for d, indexes in groups.items()))
         return sorted(relayed)
 
+    def one_destination(self, claimed: Claimed) -> bool:
+        """Whether the claim's pending recipients all go to one destination (deliver_batch
+        takes only those)."""
+        return len(self.destinations(claimed, claimed.pending())) == 1
+
+    async def deliver_batch(self, batch: list[Claimed], settle: Settler) -> None:
+        """Claims each of whose pending recipients go to one destination (`one_destination`),
+        grouped by it: each destination's messages go over up to `destination_concurrency`
+        sessions, one transaction after another on each (sessions kept in the pool for the
+        next batch), and are handed to `settle` together once all their results are known,
+        so one slow destination holds back only its own messages."""
+        groups: dict[Destination, list[tuple[Claimed, list[int]]]] = {}
+        for claimed in batch:
+            ((destination, indexes),) = self.destinations(claimed, claimed.pending()).items()
+            groups.setdefault(destination, []).append((claimed, indexes))
+
+        async def one_destination(destination: Destination,
+                                  jobs: list[tuple[Claimed, list[int]]]) -> None:  # fmt: skip
+            results: list[dict[int, RecipientResult]] = [{} for _ in jobs]
+            todo = iter(range(len(jobs)))
+
+            async def session_lane() -> None:
+                for n in todo:  # shared: each job is taken by one lane
+                    claimed, indexes = jobs[n]
+                    try:
+                        results[n], _ = await self._deliver(claimed, destination, indexes)
+                    except Exception as exc:  # a bug must not lose the other jobs' results
+                        log.exception("remote delivery failed", extra={"message_id": claimed.id})
+                        results[n] = {i: deferred("4.3.0", f"internal error: {exc!r}")
+                                      for i in indexes}  # fmt: skip
+
+            lanes = min(self.pool.per_destination, len(jobs))
+            await asyncio.gather(*(session_lane() for _ in range(lanes)))
+            await settle([(claimed, results[n]) for n, (claimed, _) in enumerate(jobs)])
+
+        outcomes = await asyncio.gather(
+            *(one_destination(d, jobs) for d, jobs in groups.items()), return_exceptions=True
+        )
+        for outcome in outcomes:  # raised once every destination is done with its sessions
+            if isinstance(outcome, BaseException):
+                raise outcome
+
     def _tls_mode(self, claimed: Claimed, domain: str) -> TlsMode:
         if domain in self.require_tls:
             return "required"
@@ -123,8 +176,10 @@ class RemoteDelivery:
     ) -> tuple[dict[int, RecipientResult], bool]:
         """The recipients' results, and whether the host that took them offered DSN."""
         recipients = [(i, claimed.envelope.recipients[i]) for i in indexes]
+        requiretls = claimed.envelope.requiretls
         async with self.pool.slot(destination.key):
-            session = self.pool.take(destination.pool_key)
+            # a REQUIRETLS message only over a session opened and checked for it
+            session = None if requiretls else self.pool.take(destination.pool_key)
             if session is not None:
                 try:
                     return await self._transaction(destination, session, claimed, recipients)
@@ -135,15 +190,26 @@ class RemoteDelivery:
             except MxLookupError as exc:
                 make = failed if exc.permanent else deferred
                 return {i: make(exc.code, str(exc)) for i in indexes}, False
+            policies = await self._tls_policies(destination, claimed)
             last: SessionError | None = None
+            temporary: SessionError | None = None
             for peer in self._skip_failed(peers):
+                # MTA-STS / DANE (tlspolicy/): the host's policy, then the session judged by it
+                host = await policies.host(peer.name) if policies is not None else None
+                if isinstance(host, Refusal):
+                    assert policies is not None
+                    await policies.report(host, peer.name, peer.address, host.result_type)
+                    last = _policy_error(f"{peer.name}: {host.text}", requiretls)
+                    continue
+                tls = destination.tls if host is None else \
+                    "required" if host.tls_required else "opportunistic"  # fmt: skip
                 try:
                     session = await SmtpSession.open(
                         peer,
                         helo=self.settings.hostname,
-                        tls=destination.tls,
+                        tls=tls,
                         tls_context=self.loose_tls
-                        if destination.tls == "opportunistic"
+                        if tls == "opportunistic" or host is not None
                         else self.strict_tls,
                         connect_timeout=self.settings.smtp_connect_timeout.total_seconds(),
                         auth=destination.relay.auth if destination.relay else None,
@@ -152,9 +218,29 @@ class RemoteDelivery:
                     log.info("host failed", extra={"host": peer.name, "address": peer.address,
                                                    "error": str(exc)})  # fmt: skip
                     self.pool.failed(peer.address)
-                    last = exc
+                    if requiretls and exc.code in ("4.7.4", "4.7.5"):  # no TLS, or it failed
+                        last = _policy_error(str(exc), requiretls)
+                    else:
+                        last = temporary = exc
+                    if policies is not None and host is not None:
+                        result = policies.setup_failure(host, exc.code)
+                        if result is not None:
+                            await policies.report(host, peer.name, peer.address, result)
                     continue
                 self.pool.recovered(peer.address)
+                if policies is not None and host is not None:
+                    verdict = policies.judge(host, peer.name, session.tls, session.peer_chain())
+                    await policies.report(host, peer.name, peer.address, verdict.result_type)
+                    refused = verdict.text if verdict.refuse else None
+                    if requiretls and not refused and \
+                            not session.smtp.supports_extension("requiretls"):  # fmt: skip
+                        refused = f"{peer.name} does not offer REQUIRETLS"  # RFC 8689 §4.2.1
+                    if refused:
+                        log.info("host fails the TLS policy", extra={"host": peer.name,
+                                 "policy": host.kind, "error": refused})  # fmt: skip
+                        await session.close()
+                        last = _policy_error(refused, requiretls)
+                        continue
                 try:
                     return await self._transaction(destination, session, claimed, recipients)
                 except SessionError as exc:
@@ -163,9 +249,10 @@ class RemoteDelivery:
                     }
                     return failure, False
             assert last is not None
-            return {
-                i: deferred(last.code, str(last), smtp_code=last.smtp_code) for i in indexes
-            }, False
+            if last.permanent and temporary is not None:
+                last = temporary  # a host that may take the mail later: not a bounce yet
+            make = failed if last.permanent else deferred
+            return {i: make(last.code, str(last), smtp_code=last.smtp_code) for i in indexes}, False
 
     async def _transaction(
         self,
@@ -190,9 +277,43 @@ class RemoteDelivery:
             return {
                 i: failed("5.6.7", text, remote_mta=session.remote_mta) for i, _ in recipients
             }, False
-        results = await session.send(claimed.envelope, recipients, claimed.body)
+        if claimed.envelope.body_type == "BINARYMIME" and not (
+            session.chunking and session.smtp.supports_extension("binarymime")
+        ):
+            # RFC 3030 §3: binary content goes only to a peer taking BINARYMIME
+            self.pool.give(destination.pool_key, session)
+            text = f"{session.remote_mta} does not support BINARYMIME"
+            return {
+                i: failed("5.6.3", text, remote_mta=session.remote_mta) for i, _ in recipients
+            }, False
+        results: dict[int, RecipientResult] = {}
+        chunks = split_recipients(recipients, session.rcpt_max())
+        for n, chunk in enumerate(chunks):
+            try:
+                results.update(await session.send(claimed.envelope, chunk, claimed.body))
+            except SessionError as exc:
+                if not results:
+                    raise
+                # the earlier transactions' results stand: their recipients have the mail
+                for i, _ in (r for rest in chunks[n:] for r in rest):
+                    results[i] = deferred(exc.code, str(exc), remote_mta=session.remote_mta)
+                return results, session.smtp.supports_extension("dsn")
         self.pool.give(destination.pool_key, session)
         return results, session.smtp.supports_extension("dsn")
+
+    async def _tls_policies(self, destination: Destination, claimed: Claimed) -> DomainTls | None:
+        """MX delivery's MTA-STS / DANE policies (not a relay's: we chose that host)."""
+        if self.tls_policies is None or destination.domain is None or destination.relay:
+            return None
+        if claimed.envelope.requiretls:
+            return await self.tls_policies.for_domain(destination.domain, None, "required", True)
+        minimum: Literal["opportunistic", "required"] = (
+            "required" if destination.tls == "required" else "opportunistic"
+        )
+        override = self.routing().tls_policy(destination.domain)
+        if tls_not_required(claimed.body):
+            override = "opportunistic"  # RFC 8689 §5: the sender waives the policies
+        return await self.tls_policies.for_domain(destination.domain, override, minimum)
 
     async def _peers(self, destination: Destination) -> list[Peer]:
         if destination.relay is not None:
@@ -209,3 +330,28 @@ class RemoteDelivery:
 
     async def close(self) -> None:
         await self.pool.close()
+
+
+def split_recipients(
+    recipients: list[tuple[int, Recipient]], most: int | None
+) -> list[list[tuple[int, Recipient]]]:
+    """One transaction's worth of recipients after another: at most the peer's RCPTMAX
+    each (RFC 9422 §4.2), all in one without it."""
+    if not most or len(recipients) <= most:
+        return [recipients]
+    return [recipients[n : n + most] for n in range(0, len(recipients), most)]
+
+
+def _policy_error(text: str, requiretls: bool) -> SessionError:
+    """A host refused under a TLS policy: tried again later, except for a REQUIRETLS
+    message, which bounces with 5.7.30 (RFC 8689 §4.2.1)."""
+    if requiretls:
+        return SessionError("5.7.30", f"REQUIRETLS: {text}", permanent=True)
+    return SessionError("4.7.5", text)
+
+
+def tls_not_required(body: bytes) -> bool:
+    """The message's header says `TLS-Required: No` (RFC 8689 §5)."""
+    end = body.find(b"\r\n\r\n")
+    head = body if end < 0 else body[: end + 2]
+    return _TLS_REQUIRED_NO.search(head) is not None

@@ -23,6 +23,8 @@ from aiosmtplib import SMTPResponse
 from mailkube_core.queue import Envelope, Notify, Recipient, RecipientResult
 
 from .results import enhanced_code, from_reply, one_line
+from .smtp_chunking import bdat_last, crlf_lines, data
+from .ssl_chain import unverified_chain
 
 GREETING_TIMEOUT = 300.0
 COMMAND_TIMEOUT = 300.0  # EHLO, STARTTLS, AUTH, MAIL, RCPT, RSET
@@ -50,6 +52,17 @@ class Peer:
     name: str  # host name: TLS server name, Remote-MTA
     address: str  # what to connect to (an IP address, or a name for a smart host)
     port: int
+
+
+def limits(value: str) -> dict[str, int]:
+    """The parameters of an EHLO `LIMITS` line (RFC 9422 §3: `name=number` separated by
+    spaces), names upper-cased; what does not parse is ignored (§3: unknown limits are)."""
+    out = {}
+    for item in value.split():
+        name, _, number = item.partition("=")
+        if number.isascii() and number.isdigit() and 0 < int(number) < 2**31:
+            out[name.upper()] = int(number)
+    return out
 
 
 def _xtext(value: str) -> str:
@@ -154,18 +167,40 @@ class SmtpSession:
             else:
                 raise
 
+    def peer_chain(self) -> list[bytes]:
+        """The certificate chain the peer presented (DER, leaf first; [] without TLS), as
+        sent, whatever the handshake verified: the TLS policies judge it (tlspolicy/)."""
+        transport = self.smtp.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        if ssl_object is None:
+            return []
+        return unverified_chain(ssl_object)
+
     def max_size(self) -> int | None:
         """The peer's SIZE limit (RFC 1870), None when it gives none."""
         value = self.smtp.esmtp_extensions.get("size", "").strip()
         return int(value) if value.isdigit() and int(value) > 0 else None
 
+    def rcpt_max(self) -> int | None:
+        """The peer's RCPTMAX (RFC 9422 §4.2): recipients one transaction may carry."""
+        return limits(self.smtp.esmtp_extensions.get("limits", "")).get("RCPTMAX")
+
+    @property
+    def chunking(self) -> bool:
+        """The peer takes BDAT (RFC 3030 §2)."""
+        return self.smtp.supports_extension("chunking")
+
     async def send(
         self, envelope: Envelope, recipients: Sequence[tuple[int, Recipient]], body: bytes
     ) -> dict[int, RecipientResult]:
-        """One transaction. Per-recipient results; SessionError if the connection broke
-        before the outcome was known."""
-        if not body.endswith(b"\n"):
-            body += b"\r\n"
+        """One transaction, its content by BDAT where the peer offers CHUNKING, else by DATA.
+        Per-recipient results; SessionError if the connection broke before the outcome was
+        known."""
+        if envelope.body_type != "BINARYMIME":
+            # BDAT's octets are taken as they are; DATA's content is lines (RFC 5321 §2.3.8)
+            body = crlf_lines(body)
+            if not body.endswith(b"\r\n"):
+                body += b"\r\n"
         mta = self.remote_mta
         try:
             reply = await self._command(b"MAIL", b"FROM:<" + envelope.mail_from.encode() + b">",
@@ -195,10 +230,10 @@ class SmtpSession:
             if not accepted:
                 await self._reset()
                 return results
-            try:
-                reply = await self.smtp.data(body, timeout=DATA_TIMEOUT)
-            except aiosmtplib.SMTPDataError as exc:
-                reply = SMTPResponse(exc.code, exc.message)
+            if self.chunking:
+                reply = await bdat_last(self.smtp, body, DATA_TIMEOUT)
+            else:
+                reply = await data(self.smtp, body, DATA_TIMEOUT)
             for index in accepted:
                 results[index] = from_reply(reply.code, reply.message, mta)
             return results
@@ -218,10 +253,14 @@ class SmtpSession:
         options = []
         if self.smtp.supports_extension("size"):
             options.append(f"SIZE={size}")
-        if envelope.body_type != "7BIT" and self.smtp.supports_extension("8bitmime"):
+        if envelope.body_type == "BINARYMIME":
+            options.append("BODY=BINARYMIME")  # only to a peer offering it (remote.py)
+        elif envelope.body_type != "7BIT" and self.smtp.supports_extension("8bitmime"):
             options.append("BODY=8BITMIME")
         if envelope.smtputf8 and self.smtp.supports_extension("smtputf8"):
             options.append("SMTPUTF8")
+        if envelope.requiretls and self.smtp.supports_extension("requiretls"):
+            options.append("REQUIRETLS")  # RFC 8689 §4.2.1: passed on to the next hop
         if self.smtp.supports_extension("dsn"):  # RFC 3461 §4.3, §4.4: pass them on
             if envelope.ret:
                 options.append(f"RET={envelope.ret}")

@@ -6,10 +6,20 @@ same conditions is a no-op and a status patch only happens when something really
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 Status = Literal["True", "False", "Unknown"]
+
+
+@dataclass(frozen=True)
+class ConditionValue:
+    """What a condition says, before it is stamped with times and generations."""
+
+    status: Status
+    reason: str
+    message: str
 
 
 def now() -> str:

@@ -147,8 +147,12 @@ def _crd(
     }
 
 
+def _condition(type_: str, json_field: str) -> str:
+    return f'.status.conditions[?(@.type=="{type_}")].{json_field}'
+
+
 def _ready(json_field: str) -> str:
-    return f'.status.conditions[?(@.type=="Ready")].{json_field}'
+    return _condition("Ready", json_field)
 
 
 def maildomain_crd() -> dict[str, Any]:
@@ -164,6 +168,8 @@ def maildomain_crd() -> dict[str, Any]:
             {"name": "Ready", "type": "string", "jsonPath": _ready("status")},
             {"name": "Users", "type": "integer", "jsonPath": ".status.users"},
             {"name": "DKIM", "type": "string", "jsonPath": ".spec.dkim.selector"},
+            # the policy in effect, the gateway's default included
+            {"name": "Spam", "type": "string", "jsonPath": ".status.spam.policy"},
             {"name": "Reason", "type": "string", "jsonPath": _ready("reason"), "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
@@ -184,6 +190,12 @@ def mailuser_crd() -> dict[str, Any]:
             {"name": "Reason", "type": "string", "jsonPath": _ready("reason")},
             {"name": "Quota", "type": "string", "jsonPath": ".spec.quota"},
             {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspended", "priority": 1},
+            {
+                "name": "SubmissionSuspended",
+                "type": "string",
+                "jsonPath": _condition("SubmissionSuspended", "status"),
+                "priority": 1,
+            },
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

@@ -14,6 +14,9 @@ import base64
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
 from mailkube_core.routing import DkimKey
 from mailkube_core.routing.dkim_keys import Algorithm, generate, public_record
 
@@ -88,6 +91,10 @@ def secret_body(
     }
 
 
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
 def decode_data(data: dict[str, str] | None) -> dict[str, str]:
     """A Secret's data (base64) as text; undecodable entries are left out."""
     result: dict[str, str] = {}
@@ -99,10 +106,30 @@ def decode_data(data: dict[str, str] | None) -> dict[str, str]:
     return result
 
 
+def record_of(algorithm: Algorithm, private_key: str) -> str:
+    """The DKIM TXT record of a private key (core's public_record), but for RSA without
+    OpenSSL's check of the private key's consistency: that check takes ~55 ms a key (a minute
+    per thousand domains at each start) and only the public half is needed here. The gateway
+    loads the key with the check before signing with it."""
+    if algorithm != "rsa-sha256":
+        return public_record(algorithm, private_key)
+    key = serialization.load_pem_private_key(
+        private_key.encode(), password=None, unsafe_skip_rsa_key_validation=True
+    )
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("not an RSA private key")
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
 @dataclass(frozen=True)
 class PublishedKey:
     key: DkimKey
     record: str
+    #: why a key that does not sign is listed (None: the default retired note)
+    note: str | None = None
 
 
 def keys_from_secret(data: dict[str, str], wanted: list[WantedKey]) -> list[PublishedKey]:
@@ -115,7 +142,7 @@ def keys_from_secret(data: dict[str, str], wanted: list[WantedKey]) -> list[Publ
         if parsed is None:
             continue
         try:
-            record = public_record(parsed.algorithm, data[data_key])
+            record = record_of(parsed.algorithm, data[data_key])
         except ValueError:
             continue
         key = DkimKey(

@@ -22,8 +22,9 @@ import dns.resolver
 
 from mailkube_core.settings import OperatorSettings
 
+from .conditions import ConditionValue
 from .plan import Key
-from .publish import ConditionValue, DnsResult, Reconciler, record_keys
+from .publish import DnsResult, Reconciler, record_keys
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 CONCURRENCY = 8
 
 #: TXT records of which a name must hold only one (RFC 7208 §4.5, RFC 7489 §6.6.3)
-_SINGLE = {"spf": ("v=spf1", "SPF"), "dmarc": ("v=DMARC1", "DMARC")}
+_SINGLE = {"spf": ("v=spf1", "SPF"), "dmarc": ("v=DMARC1", "DMARC"),
+           "mta-sts": ("v=STSv1", "MTA-STS"), "tls-rpt": ("v=TLSRPTv1", "TLS-RPT")}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,10 @@ class Finding:
 
     message: str
     definite: bool = True
+    #: the record (type, name, value) it is about; None for a check that failed as a whole
+    record: tuple[str, str, str] | None = None
+    #: the record's purpose (status.dnsRecords), when it is about one
+    purpose: str | None = None
 
 
 def resolver(settings: OperatorSettings) -> dns.asyncresolver.Resolver:
@@ -68,6 +74,10 @@ async def _found(res: dns.asyncresolver.Resolver, rtype: str, name: str) -> list
     for rdata in answer:
         if rtype == "MX":
             values.append(f"{rdata.preference} {str(rdata.exchange).lower()}")
+        elif rtype == "CNAME":
+            values.append(str(rdata.target).lower())
+        elif rtype == "TLSA":
+            values.append(f"{rdata.usage} {rdata.selector} {rdata.mtype} {rdata.cert.hex()}")
         else:
             values.append(b"".join(rdata.strings).decode(errors="replace"))
     return values
@@ -80,26 +90,39 @@ async def check(
     findings: list[Finding] = []
     for record in records:
         rtype, name, value = record["type"], record["name"], record["value"]
+        about = (str(rtype), str(name), str(value))
+        purpose = record.get("purpose")
         found = await _found(res, rtype, name)
         if isinstance(found, Finding):
-            findings.append(found)
-        elif (value.lower() if rtype == "MX" else value) not in found:
+            findings.append(Finding(found.message, found.definite, about, purpose))
+        elif (value.lower() if rtype in ("MX", "CNAME", "TLSA") else value) not in found:
             shown = ", ".join(repr(v) for v in found) or "nothing"
-            findings.append(Finding(f"{rtype} {name}: expected {value!r}, found {shown}"))
+            findings.append(Finding(f"{rtype} {name}: expected {value!r}, found {shown}",
+                                    record=about, purpose=purpose))  # fmt: skip
         elif record.get("purpose") in _SINGLE:
             prefix, what = _SINGLE[record["purpose"]]
             same = [v for v in found if v.lower().startswith(prefix.lower())]
             if len(same) > 1:
                 findings.append(Finding(
-                    f"{rtype} {name}: {len(same)} {what} records, there must be only one"
+                    f"{rtype} {name}: {len(same)} {what} records, there must be only one",
+                    record=about, purpose=purpose,
                 ))  # fmt: skip
     return findings
 
 
 def verdict(findings: list[Finding], count: int) -> ConditionValue:
     """DNSVerified from the findings: False when a record is surely missing or wrong, Unknown
-    when only lookups failed, True when all `count` records are published."""
-    if any(f.definite for f in findings):
+    when only lookups failed, True when all `count` records are published. The TLSA record
+    of the key cert-manager is about to use, missing while the rest is fine, is the classic
+    DANE outage in the making: its own reason."""
+    definite = [f for f in findings if f.definite]
+    if definite and all(f.purpose == "tlsa-next" for f in definite):
+        return ConditionValue("False", "NextKeyNotInTLSA", (
+            "the gateway's next TLS key is not in the published TLSA records: publish "
+            "the tlsa-next record now, or mail from DANE senders will be deferred once the "
+            "new certificate is in use; " + "; ".join(f.message for f in findings)
+        ))  # fmt: skip
+    if definite:
         return ConditionValue("False", "RecordsMismatch", "; ".join(f.message for f in findings))
     if findings:
         return ConditionValue("Unknown", "LookupFailed", "; ".join(f.message for f in findings))
@@ -118,7 +141,12 @@ async def check_loop(reconciler: Reconciler, settings: OperatorSettings) -> None
             except Exception as exc:  # e.g. no resolver configuration at all
                 log.warning("DNS check of %s/%s failed: %r", *key, exc)
                 findings = [Finding(f"the DNS check failed ({type(exc).__name__})", False)]
-        result = DnsResult(record_keys(records), verdict(findings, len(records)), time.monotonic())
+        wanted = record_keys(records)
+        unseen = {f.record for f in findings if f.record is not None}
+        if any(f.record is None for f in findings):
+            unseen = set(wanted)
+        result = DnsResult(wanted, verdict(findings, len(records)), time.monotonic(),
+                           seen=frozenset(wanted) - unseen)  # fmt: skip
         previous = reconciler.dns_results.get(key)
         reconciler.dns_results[key] = result
         return previous != result

@@ -11,8 +11,10 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, model_validator
 from pydantic.alias_generators import to_camel
+
+from mailkube_core.settings import parse_duration
 
 GROUP = "mailkube.io"
 VERSION = "v1alpha1"
@@ -80,6 +82,18 @@ Quantity = Annotated[
 Selector = Annotated[str, Field(pattern=SELECTOR_PATTERN, max_length=55)]
 SecretName = Annotated[str, Field(pattern=SECRET_NAME_PATTERN, max_length=253)]
 SecretKey = Annotated[str, Field(pattern=SECRET_KEY_PATTERN, max_length=253)]
+#: a duration: numbers with units, e.g. 180d, 7d, 1h30m, 90s (w, d, h, m, s, ms)
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h|d|w))+$"
+
+
+def _check_duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+Duration = Annotated[
+    str, Field(pattern=DURATION_PATTERN, max_length=32), AfterValidator(_check_duration)
+]
 
 
 class _Model(BaseModel):
@@ -99,14 +113,40 @@ class _Model(BaseModel):
 # -- MailDomain ----------------------------------------------------------------------------
 
 
+class DkimRotationSpec(_Model):
+    """When and how the operator rotates the domain's DKIM key (also on the annotation
+    mailkube.io/rotate-dkim, and on a change of selector or algorithm)."""
+
+    every: Duration | None = None
+    """Rotate when the signing key has signed this long (e.g. 180d); unset: only on demand."""
+    overlap: Duration = "7d"
+    """How long the old key stays published after the new one signs (mail in transit and
+    re-verification), before the operator removes it."""
+    propagation_delay: Duration = "1h"
+    """With the DNS check off (dns_check_interval): how long after the new key is listed in
+    status it is taken as published. With the check on, the new key signs once the check
+    finds its record."""
+
+    @model_validator(mode="after")
+    def _every_is_positive(self) -> DkimRotationSpec:
+        if self.every is not None and not parse_duration(self.every):
+            raise ValueError("rotation.every must be longer than 0s")
+        return self
+
+
 class DkimSpec(_Model):
     """DKIM signing of outgoing mail."""
 
     selector: Selector = "mailkube"
     """Selector of the signing key: the DKIM record is <selector>._domainkey.<domain>. Changing
-    it rotates: a new key signs, the old one stays published until removed from the Secret."""
+    it rotates: without rotation, a new key signs at once and the old one stays published until
+    removed from the Secret; with rotation, in stages."""
     algorithm: Literal["rsa-2048", "ed25519", "both"] = "rsa-2048"
     """Key type; both: RSA under <selector> and Ed25519 under <selector>-ed25519 (RFC 8463)."""
+    rotation: DkimRotationSpec | None = None
+    """Staged key rotation (docs/dns.md): a new key is listed, signs only once its record is
+    published, and the old one stays listed for the overlap, then is removed. Unset: a
+    selector change switches at once and old keys stay until removed from the Secret."""
 
 
 class PolicySpec(_Model):
@@ -123,6 +163,49 @@ class PolicySpec(_Model):
     """Deliver mail from this domain to other servers only over TLS."""
 
 
+#: a spam score threshold; rspamd's scores of real mail stay far inside this range
+SpamScore = Annotated[float, Field(ge=0, le=1000)]
+#: junkScore below rejectScore when both are set (CRD validation rule; the API server checks it
+#: from Kubernetes 1.25 on, the operator in any case)
+SPAM_SCORE_RULE: dict[str, JsonValue] = {
+    "rule": "!has(self.junkScore) || !has(self.rejectScore) || self.junkScore < self.rejectScore",
+    "message": "junkScore must be below rejectScore",
+}
+
+
+class SpamSpec(_Model):
+    """Spam defence for mail to the domain (docs/spam.md); an unset field takes the gateway's
+    setting (spam_policy, spam_reject_score, spam_junk_score, spam_rewrite_subject,
+    spam_unavailable, greylisting)."""
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [SPAM_SCORE_RULE]})
+
+    policy: Literal["off", "tag", "quarantine", "reject"] | None = None
+    """off: not scanned; tag: headers only; quarantine: spam into Junk; reject: rspamd's reject
+    refused (554 5.7.1), the rest of the spam into Junk."""
+    reject_score: SpamScore | None = None
+    """A score at or above this is a reject, whatever rspamd's action said."""
+    junk_score: SpamScore | None = None
+    """A score at or above this is spam (tagged; into Junk under quarantine and reject)."""
+    rewrite_subject: bool | None = None
+    """Prefix the Subject of spam."""
+    when_unavailable: Literal["accept", "defer"] | None = None
+    """rspamd down, slow or answering garbage: accept (X-Spam-Status: unchecked) or defer
+    (451 4.3.0)."""
+    greylisting: bool | None = None
+    """Greylist mail from unknown (client network, sender, recipient) triplets."""
+
+    @model_validator(mode="after")
+    def _scores_in_order(self) -> SpamSpec:
+        if (
+            self.junk_score is not None
+            and self.reject_score is not None
+            and self.junk_score >= self.reject_score
+        ):
+            raise ValueError(str(SPAM_SCORE_RULE["message"]))
+        return self
+
+
 class DmarcRecordSpec(_Model):
     """The DMARC record the domain's owner publishes (listed in status.dnsRecords)."""
 
@@ -130,6 +213,27 @@ class DmarcRecordSpec(_Model):
     """p= of the record: what receivers do with mail that fails DMARC."""
     report_to: Address | None = None
     """Address for aggregate reports (rua=); default postmaster@<domain>."""
+
+
+class MtaStsSpec(_Model):
+    """The MTA-STS policy (RFC 8461) others apply to mail they send to the domain; its
+    records are listed in status.dnsRecords."""
+
+    mode: Literal["enforce", "testing", "none"] = "testing"
+    """enforce: senders defer rather than deliver without valid TLS to our MX host; testing:
+    they only report failures (TLS-RPT); none: withdraws a policy published before."""
+    max_age: Annotated[int, Field(ge=0, le=31557600)] = 604800
+    """Seconds senders may cache the policy (at most a year; a week by default)."""
+
+
+class TlsRptSpec(_Model):
+    """Where other senders send their daily TLS reports about mail to the domain (RFC 8460)."""
+
+    rua: Annotated[
+        list[Annotated[str, Field(pattern=r"^(mailto:[^@\s,;]+@[^@\s,;]+|https://[^\s,;]+)$")]],
+        Field(min_length=1),
+    ]
+    """mailto: addresses or https: URLs, e.g. mailto:tls-reports@example.org."""
 
 
 class LimitsSpec(_Model):
@@ -198,8 +302,14 @@ class MailDomainSpec(_Model):
     """The DMARC record to publish."""
     limits: LimitsSpec = LimitsSpec()
     """Per-domain limits."""
+    spam: SpamSpec = SpamSpec()
+    """Spam defence for mail to the domain; unset fields: the gateway's defaults."""
     relay: RelaySpec | None = None
     """Outbound smart host for mail from this domain; unset: direct delivery."""
+    mta_sts: MtaStsSpec | None = None
+    """An MTA-STS policy for mail to the domain; unset: none published."""
+    tls_rpt: TlsRptSpec | None = None
+    """A TLS-RPT record asking senders for TLS reports; unset: none published."""
 
 
 class Condition(_Model):
@@ -222,17 +332,37 @@ class Condition(_Model):
 class DnsRecord(_Model):
     """A DNS record the domain's owner must publish."""
 
-    type: Literal["MX", "TXT"]
+    type: Literal["MX", "TXT", "CNAME", "TLSA"]
     """Record type."""
     name: str
     """Fully qualified owner name, with the trailing dot."""
     value: str
     """Exact value (TXT: the text, unquoted and unsplit)."""
-    purpose: Literal["mx", "spf", "dkim", "dmarc"]
+    purpose: Literal[
+        "mx", "spf", "dkim", "dmarc", "mta-sts", "mta-sts-host", "tls-rpt", "tlsa", "tlsa-next"
+    ]
     """What the record is for."""
     note: str | None = None
     """E.g. that a DKIM key is retired and the record may go once no mail signed with it is in
     transit."""
+
+
+class SpamStatus(_Model):
+    """The spam policy in effect for mail to the domain: spec.spam over the gateway's defaults.
+    A score threshold that is absent is left to rspamd's actions."""
+
+    policy: Literal["off", "tag", "quarantine", "reject"]
+    """off, tag, quarantine or reject."""
+    reject_score: float | None = None
+    """Score from which mail is rejected."""
+    junk_score: float | None = None
+    """Score from which mail is spam."""
+    rewrite_subject: bool
+    """Whether the Subject of spam is prefixed."""
+    when_unavailable: Literal["accept", "defer"]
+    """What happens while rspamd cannot answer."""
+    greylisting: bool
+    """Whether unknown triplets are greylisted."""
 
 
 class MailDomainStatus(_Model):
@@ -240,14 +370,19 @@ class MailDomainStatus(_Model):
 
     observed_generation: Annotated[int, Field(ge=0)] | None = None
     """The .metadata.generation this status describes."""
+    domain: DomainName | None = None
+    """The domain served (normalised). spec.domain is immutable: the operator keeps serving
+    this one if spec.domain changes where the API server does not enforce the CEL rule."""
     conditions: list[Condition] = []
-    """Ready, DKIMKeyReady, Published, DNSVerified."""
+    """Ready, DKIMKeyReady, Published, DNSVerified, DKIMRotation."""
     dns_records: list[DnsRecord] = []
     """The records to publish in DNS, with exact names and values."""
     users: Annotated[int, Field(ge=0)] | None = None
     """MailUsers of the domain in the routing table."""
     dkim_secret: str | None = None
     """Name of the Secret holding the DKIM private keys."""
+    spam: SpamStatus | None = None
+    """The spam policy in effect (spec.spam over the gateway's defaults)."""
 
 
 # -- MailUser ------------------------------------------------------------------------------
@@ -282,6 +417,6 @@ class MailUserStatus(_Model):
     """The .metadata.generation this status describes."""
     conditions: list[Condition] = []
     """Ready (reasons: Published, DomainNotFound, PasswordSecretMissing, AddressConflict,
-    Invalid)."""
+    Invalid); SubmissionSuspended (True: SpamRejections; False: NotSuspended, Lifted)."""
     mailbox: str | None = None
     """The maildir, relative to the workers' mail_root: <domain>/<localpart>/."""

@@ -9,8 +9,9 @@ that started after it. A reconcile:
 2. refreshes password hashes and relay credentials whose Secrets changed;
 3. builds the plan (plan.build), and makes the DKIM keys a served domain lacks (creating its
    Secret, or adding the keys of a new selector; never overwriting one), then plans again;
-4. replaces the routing table when it differs from the one last published (always on the
-   first reconcile): atomic and versioned, by RoutingStore;
+4. publishes the routing table's entries that differ from the ones last published (on the
+   first reconcile, and after the table in Redis moved behind our back: those that differ
+   from the ones stored): atomic and versioned, by RoutingStore;
 5. patches the status of each object whose desired status moved, and posts an Event when an
    object's Ready (or a MailDomain's DNSVerified) condition changes: a Warning for every
    failure, a Normal one on the way back.
@@ -27,33 +28,49 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, cast
 
-from mailkube_core.routing import RoutingStore, RoutingTable
+from mailkube_core.redis_client import RedisClient
+from mailkube_core.routing import DomainEntry, RoutingStore, TableGlobals, VersionConflict
 from mailkube_core.settings import OperatorSettings
 
-from . import dkim
-from .conditions import Status, find, set_condition
+from . import dkim, rotation
+from .conditions import ConditionValue, find, is_true, set_condition
+from .dane import DaneKeys, tlsa_records
 from .dkim import PublishedKey, keys_from_secret, secret_name, wanted_keys
 from .dnsrecords import dns_records
 from .kube import Kube, KubeError
-from .models import DOMAINS, USERS, MailDomainSpec, MailUserSpec
-from .plan import DomainOutcome, Key, ObjectRecord, Plan, UserOutcome, build
+from .models import DOMAINS, USERS, DkimRotationSpec, MailDomainSpec, MailUserSpec
+from .plan import (
+    DomainOutcome,
+    Key,
+    ObjectRecord,
+    Plan,
+    PlanCache,
+    Problem,
+    UserOutcome,
+    build,
+)
 from .secrets import SecretValues
+from .spam import effective
+from .store import TrackedDict, TrackedIndex
+from .suspensions import (
+    LIFT_ANNOTATION,
+    LIFTED_BY_ANNOTATION,
+    SUBMISSION_SUSPENDED,
+    SuspensionState,
+)
 
 log = logging.getLogger(__name__)
 
-#: conditions whose changes are posted as Events
-EVENT_CONDITIONS = ("Ready", "DNSVerified")
-
-
-@dataclass(frozen=True)
-class ConditionValue:
-    status: Status
-    reason: str
-    message: str
+#: status patches (with their Events) in flight at once
+STATUS_WRITERS = 8
+#: conditions whose changes are posted as Events -> the status that is a failure (a Warning).
+#: Getting out of it is a Normal Event; for Ready and DNSVerified, so is turning True at all.
+EVENT_CONDITIONS = {"Ready": "False", "DNSVerified": "False", SUBMISSION_SUSPENDED: "True"}
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,8 @@ class DnsResult:
     records: tuple[tuple[str, str, str], ...]
     value: ConditionValue
     checked_at: float = field(default=0.0, compare=False)
+    #: the records found published as listed
+    seen: frozenset[tuple[str, str, str]] = frozenset()
 
 
 def record_keys(records: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, str, str], ...]:
@@ -71,25 +90,16 @@ def record_keys(records: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, str, s
 
 @dataclass
 class Indexes:
-    """kopf's live indexes (handed to every handler as keyword arguments)."""
+    """The operator's live indexes (store.Stores): key -> [value]."""
 
     domains: Mapping[Any, Iterable[ObjectRecord]]
     users: Mapping[Any, Iterable[ObjectRecord]]
     password_secrets: Mapping[Any, Iterable[dict[str, str]]]
     dkim_secrets: Mapping[Any, Iterable[dict[str, str]]]
 
-    @classmethod
-    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> Indexes:
-        return cls(
-            domains=kwargs["maildomains_idx"],
-            users=kwargs["mailusers_idx"],
-            password_secrets=kwargs["password_secrets_idx"],
-            dkim_secrets=kwargs["dkim_secrets_idx"],
-        )
-
 
 def _all(index: Mapping[Any, Iterable[Any]]) -> list[Any]:
-    return [value for key in list(index) for value in index[key]]
+    return [value for values in list(index.values()) for value in values]
 
 
 def _first(index: Mapping[Any, Iterable[Any]], key: Any) -> Any:
@@ -98,14 +108,68 @@ def _first(index: Mapping[Any, Iterable[Any]], key: Any) -> Any:
     return next(iter(index[key]), None)
 
 
+class _Firsts(Mapping[Any, Any]):
+    """An index read as key -> its first value, without copying it (a reconcile of a few
+    changed users looks up only their Secrets)."""
+
+    def __init__(self, index: Mapping[Any, Iterable[Any]]) -> None:
+        self._index = index
+
+    def __getitem__(self, key: Any) -> Any:
+        if key not in self._index:
+            raise KeyError(key)
+        return _first(self._index, key) or {}
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+
+#: every this many reconciles, one walks every object even if the stores say only a few
+#: changed (a safety sweep; the periodic LIST (store.RESYNC_INTERVAL) also marks what moved)
+FULL_SWEEP_EVERY = 100
+
+
 @dataclass(frozen=True)
 class _Applied:
-    """A status we wrote, and the object's resourceVersion in the index when we wrote it: while
-    the index still shows that version, it has not seen our write yet."""
+    """A status we wrote, the object's resourceVersion in the index when we wrote it, and the
+    one our write made (None if the server did not say)."""
 
     uid: str
     resource_version: str
+    written_version: str | None
     status: dict[str, Any]
+
+    def seen_in(self, record: ObjectRecord) -> bool:
+        """Whether the index's copy of the object includes our write.
+
+        An event for a write made before ours can reach the index after our write (our own
+        annotation removal, say): a copy whose version is neither the one we wrote over nor
+        ours is older than ours if its revision is lower. Kubernetes resourceVersions are
+        opaque, but they are etcd revisions; if one is not a number, a new version is taken
+        as seen, as before.
+        """
+        if record.uid != self.uid:
+            return True  # deleted and made again: the write was to another object
+        current, written = record.resource_version, self.written_version
+        if current == self.resource_version:
+            return False
+        if written is None or current == written:
+            return True
+        try:
+            return int(current) > int(written)
+        except ValueError:
+            return True
+
+
+#: a DKIM Secret's data, spec.dkim, and the keys parsed from it
+_ParsedKeys = tuple[dict[str, str], Any, list[PublishedKey]]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 @dataclass
@@ -113,26 +177,82 @@ class Reconciler:
     settings: OperatorSettings
     store: RoutingStore
     kube: Kube
+    #: for lifting submission suspensions (None: nothing can be lifted)
+    redis: RedisClient | None = None
     indexes: Indexes | None = None
+    #: the gateway's submission suspensions, as last read (suspensions.check_loop)
+    suspensions: SuspensionState = field(default_factory=SuspensionState)
     secrets: SecretValues = field(default_factory=SecretValues)
     #: MailDomain key -> why its DKIM keys could not be made
     dkim_errors: dict[Key, str] = field(default_factory=dict)
+    #: MailDomain key -> its DKIMRotation condition (rotation.py), when it has one
+    dkim_rotation: dict[Key, ConditionValue] = field(default_factory=dict)
+    #: MailDomain key -> when its rotation has a timed step (a reconcile is planned for then)
+    rotation_due: dict[Key, datetime] = field(default_factory=dict)
+    clock: Callable[[], datetime] = _now
     #: a step that failed (DKIM keys or status of an object) -> when it may be tried again
     not_before: dict[tuple[str, Key], float] = field(default_factory=dict)
+    #: the gateway's TLS keys, for the TLSA records every MailDomain lists (dane.check_loop)
+    dane_keys: DaneKeys | None = None
     #: MailDomain key -> the records its status lists, for the DNS check (dnscheck.py)
     dns_wanted: dict[Key, list[dict[str, Any]]] = field(default_factory=dict)
-    #: MailDomain key -> DNSVerified and the records it was found for (the DNS check)
-    dns_results: dict[Key, DnsResult] = field(default_factory=dict)
+    #: MailDomain key -> DNSVerified and the records it was found for (the DNS check); the
+    #: keys changed since the last reconcile are recorded (their statuses are looked at)
+    dns_results: TrackedDict[Key, DnsResult] = field(default_factory=TrackedDict)
     #: set when records to check changed
     dns_wake: asyncio.Event = field(default_factory=asyncio.Event)
-    #: the last table published, as JSON (None: nothing published since the start)
-    published_json: str | None = None
-    #: its version in Redis
+    #: the entries of the last table published (domain -> the entry and its JSON), and its
+    #: globals' JSON: what the table at published_version holds
+    published_entries: dict[str, tuple[DomainEntry, str]] = field(default_factory=dict)
+    published_globals: str | None = None
+    #: the plan's globals that JSON was made from (the same object: the same JSON)
+    _published_globals_of: TableGlobals | None = None
+    #: its version in Redis (None: nothing published since the start)
     published_version: int | None = None
+    #: the next publish compares with what Redis holds, not with what we published last
+    #: (the first one, and after the table in Redis moved behind our back)
+    resync: bool = True
+    #: set once a table has been published
+    published: asyncio.Event = field(default_factory=asyncio.Event)
     #: whether Redis answered the last publish or check (readiness)
     healthy: bool = False
     reconciles: int = 0
     _applied: dict[tuple[str, Key], _Applied] = field(default_factory=dict)
+    #: MailDomain -> its DKIM Secret's data, the keys wanted, and the keys parsed from it (an
+    #: RSA key takes ~30 ms to parse: each Secret's are parsed once per content, not per plan)
+    _dkim_parsed: dict[Key, _ParsedKeys] = field(default_factory=dict)
+    #: each object's spec as last checked, and the table entries made (plan.PlanCache)
+    _plan_cache: PlanCache = field(default_factory=PlanCache)
+    #: object -> what its status was last found right for (_status_inputs): with the same
+    #: inputs, it is not worked out again
+    _settled: dict[tuple[str, Key], tuple[Any, ...]] = field(default_factory=dict)
+    #: MailUser -> the copy and the verdict its _settled inputs were taken from, and what
+    #: every user's status was last worked out with (the publish error, the suspensions):
+    #: while they are the same objects, the user is not looked at again (thousands of users)
+    _settled_users: dict[Key, tuple[ObjectRecord, UserOutcome]] = field(default_factory=dict)
+    _users_context: tuple[Any, ...] | None = None
+    #: MailUsers whose status was not found right at the last look (a write pending or failed)
+    _unsettled_users: set[Key] = field(default_factory=set)
+    #: how many users _forget_gone last saw (it looks for users gone when this moves)
+    _users_count: int = -1
+    #: MailUser -> its resourceVersion in the index when its lift annotation was handled: while
+    #: the index still shows that version, the annotation it shows is already gone
+    _lift_handled: dict[Key, str] = field(default_factory=dict)
+    #: MailDomain -> the keys that sign (the active generation's, or spec.dkim's)
+    _signing_wanted: dict[Key, list[dkim.WantedKey]] = field(default_factory=dict)
+    #: MailDomain -> its resourceVersion when its rotate annotation was handled
+    _rotate_handled: dict[Key, str] = field(default_factory=dict)
+    #: MailDomains whose DKIM step must be looked at again even when nothing changed (keys
+    #: missing or failed, a rotation under way): all a reconcile of changed users visits
+    _dkim_watch: set[Key] = field(default_factory=set)
+    #: the next reconcile walks every object (the first, and after a failure or a bug)
+    _full_next: bool = True
+    #: what every MailDomain's status was last worked out with (the publish error, the
+    #: gateway's TLS keys): while it is the same, a reconcile of changed users looks only at
+    #: the MailDomains whose verdict, DKIM step or DNS check moved
+    _domains_context: tuple[Any, ...] | None = None
+    _due_task: asyncio.Task[None] | None = None
+    _due_at: datetime | None = None
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _requested: int = 0
     _done: int = 0
@@ -194,7 +314,7 @@ class Reconciler:
                     "the routing table in Redis is at version %d, not %d: publishing it again",
                     version, self.published_version,
                 )  # fmt: skip
-                self.published_json = None
+                self.resync = True
             elif not self._pending:
                 if not self.healthy and self.published_version is not None:
                     log.info("Redis is reachable again, with our routing table")
@@ -204,10 +324,28 @@ class Reconciler:
             await self.request()
 
     async def close(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retry
+        for task in (self._retry, self._due_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    def _schedule_due(self) -> None:
+        """One reconcile when the earliest timed rotation step is due."""
+        due = min(self.rotation_due.values(), default=None)
+        if due == self._due_at and (due is None or self._due_task is not None):
+            return
+        if self._due_task is not None and self._due_task is not asyncio.current_task():
+            self._due_task.cancel()
+        self._due_task, self._due_at = None, due
+        if due is not None:
+            delay = max(0.0, (due - self.clock()).total_seconds())
+            self._due_task = asyncio.create_task(self._wake_at(delay), name="mailkube-rotation")
+
+    async def _wake_at(self, delay: float) -> None:
+        await asyncio.sleep(delay + 0.01)  # timestamps are whole seconds: be past them
+        self._due_task, self._due_at = None, None
+        await self.request()
 
     # -- one reconcile --------------------------------------------------------------------
 
@@ -216,35 +354,105 @@ class Reconciler:
             return
         self.reconciles += 1
         self._pending = False
+        changed = self._changed_users()
+        self._full_next = True  # until this one is done
         domains: list[ObjectRecord] = _all(self.indexes.domains)
-        users: list[ObjectRecord] = _all(self.indexes.users)
-        known = {key: _first(self.indexes.password_secrets, key) or {}
-                 for key in list(self.indexes.password_secrets)}  # fmt: skip
-        failed = await self._refresh_secrets(domains, users, known)
+        users: list[ObjectRecord] | None
+        known: Mapping[tuple[str, str], Mapping[str, str]]
+        if changed is None:  # every object
+            users = _all(self.indexes.users)
+            known = {key: _first(self.indexes.password_secrets, key) or {}
+                     for key in list(self.indexes.password_secrets)}  # fmt: skip
+            failed = await self._refresh_secrets(domains, users, known)
+        else:  # only the users the stores say changed (and nothing else did)
+            users = None
+            known = _Firsts(self.indexes.password_secrets)
+            failed = await self._refresh_secrets(
+                [], [r for r in changed.values() if r is not None], known, prune=False
+            )
         fresh: dict[Key, dict[str, str]] = {}
-        plan = self._plan(domains, users, known, fresh)
-        if await self._ensure_dkim_keys(domains, plan, fresh):
-            plan = self._plan(domains, users, known, fresh)
-        failed = failed or any(key in self.dkim_errors for key in plan.domains)
-        publish_error = await self._publish(plan.table)
-        failed = await self._write_statuses(plan, domains, users, publish_error) or failed
-        self._forget_gone(domains, users)
+        plan = self._plan(domains, users, known, fresh, changed)
+        watch = None if changed is None else set(self._dkim_watch)
+        if await self._ensure_dkim_keys(domains, plan, fresh, watch):
+            users = users if users is not None else _all(self.indexes.users)
+            first, plan = plan, self._plan(domains, users, known, fresh, None)
+            if plan.redone is not None:  # the users either plan redid
+                plan.redone = None if first.redone is None else first.redone | plan.redone
+        failed = failed or any(key in plan.domains for key in self.dkim_errors)
+        if users is None and changed is not None:
+            index = self.indexes.users
+            lifting = [r for r in changed.values() if r is not None] + [
+                r for key in self._lift_handled
+                if key not in changed and (r := _first(index, key)) is not None
+            ]  # fmt: skip
+            failed = await self._lift_suspensions(lifting, plan) or failed
+        else:
+            failed = await self._lift_suspensions(users or [], plan) or failed
+        publish_error = await self._publish(plan)
+        context = (publish_error, self.dane_keys)
+        dns_changed = self.dns_results.take()
+        if (
+            changed is not None
+            and plan.redone_domains is not None
+            and (context == self._domains_context)
+        ):  # only the MailDomains whose verdict, DKIM step or DNS check may have moved
+            index = self.indexes.domains
+            keys = (plan.redone_domains | (watch or set()) | self._dkim_watch | dns_changed
+                    | set(self.dkim_errors) | set(self.dkim_rotation))  # fmt: skip
+            status_domains = [r for key in keys if (r := _first(index, key)) is not None]
+        else:
+            status_domains = domains
+        self._domains_context = context
+        failed = await self._write_statuses(plan, status_domains, users, publish_error) or failed
+        self._forget_gone(
+            domains, users,
+            gone_users=None if changed is None else {k for k, r in changed.items() if r is None},
+        )  # fmt: skip
+        self._schedule_due()
+        self._full_next = bool(failed or publish_error)
         if failed or publish_error:
             self._schedule_retry()
+
+    def _changed_users(self) -> dict[Key, ObjectRecord | None] | None:
+        """The MailUsers changed since the last reconcile (key -> its copy, None: gone) if
+        they are all that changed; None if this reconcile must walk every object: the
+        indexes do not record changes, a MailDomain or Secret changed, the last reconcile
+        failed, or it is time for a safety sweep (FULL_SWEEP_EVERY)."""
+        assert self.indexes is not None
+        indexes = (self.indexes.domains, self.indexes.users, self.indexes.password_secrets,
+                   self.indexes.dkim_secrets)  # fmt: skip
+        if not all(isinstance(index, TrackedIndex) for index in indexes):
+            return None
+        domains, users, passwords, dkim_secrets = (
+            cast(TrackedIndex[Any], index).take() for index in indexes
+        )
+        if (self._full_next or domains or passwords or dkim_secrets
+                or self.reconciles % FULL_SWEEP_EVERY == 0):  # fmt: skip
+            return None
+        index = self.indexes.users
+        return {key: _first(index, key) for key in users}
 
     def _plan(
         self,
         domains: list[ObjectRecord],
-        users: list[ObjectRecord],
+        users: list[ObjectRecord] | None,
         known: Mapping[tuple[str, str], Mapping[str, str]],
         fresh: Mapping[Key, dict[str, str]],
+        changed: Mapping[Key, ObjectRecord | None] | None,
     ) -> Plan:
+        if users is None:  # a plan of the changed users (it does not read the list)
+            assert changed is not None
+            users = [r for r in changed.values() if r is not None]
         return build(
             domains,
             users,
+            changed_users=changed,
             passwords=lambda ns, ref: self.secrets.password(ns, ref, known),
             relay=lambda ns, ref: self.secrets.relay(ns, ref, known),
             dkim=lambda record, spec: self._dkim_keys(record, spec, fresh),
+            mx_hostname=self.settings.mx_hostname(),
+            tls_policies=self.settings.tls_policies,
+            cache=self._plan_cache,
         )
 
     async def _refresh_secrets(
@@ -252,25 +460,39 @@ class Reconciler:
         domains: list[ObjectRecord],
         users: list[ObjectRecord],
         known: Mapping[tuple[str, str], Mapping[str, str]],
+        *,
+        prune: bool = True,
     ) -> bool:
         """Re-hash changed passwords, re-read changed relay credentials; whether a read failed
-        (the failure is in the object's condition)."""
+        (the failure is in the object's condition). `prune`: `users` are all of them, and the
+        hashes no user's Secret holds any more are dropped."""
         failed = False
+        used: set[str] = set()
         for user in users:
             ref = user.spec.get("passwordSecretRef")
-            if user.deleting or not isinstance(ref, dict) or "name" not in ref:
+            if ref is None or user.deleting or not isinstance(ref, dict) or "name" not in ref:
                 continue
-            try:
-                spec = MailUserSpec.model_validate(user.spec)
-            except ValueError:
-                continue
+            cached = self._plan_cache.users.get(user.key)
+            if cached is not None and cached[0] is user.spec and not isinstance(cached[1], Problem):
+                spec = cached[1].spec  # checked by the last plan already
+            else:
+                try:
+                    spec = MailUserSpec.model_validate(user.spec)
+                except ValueError:
+                    continue
             if spec.password_secret_ref is not None:
+                secret_ref = spec.password_secret_ref
+                current = (known.get((user.namespace, secret_ref.name)) or {}).get(secret_ref.key)
+                if current is not None:
+                    used.add(current)
                 try:
                     await self.secrets.refresh_password(
-                        self.kube, user.namespace, spec.password_secret_ref, known
+                        self.kube, user.namespace, secret_ref, known
                     )
                 except KubeError:  # logged by SecretValues, named in the user's status
                     failed = True
+        if not failed and prune:
+            await self.secrets.prune(used)
         for domain in domains:
             if domain.deleting or not isinstance(domain.spec.get("relay"), dict):
                 continue
@@ -299,25 +521,62 @@ class Reconciler:
     ) -> list[PublishedKey]:
         data = self._dkim_data(record, fresh)
         if not data:
+            self._dkim_parsed.pop(record.key, None)
+            self._signing_wanted.pop(record.key, None)
             return []
-        return keys_from_secret(data, wanted_keys(spec.dkim.selector, spec.dkim.algorithm))
+        cached = self._dkim_parsed.get(record.key)
+        if cached is not None and cached[0] == data:
+            if cached[1] is spec.dkim:
+                return cached[2]
+            if cached[1] == spec.dkim:  # equal: compared by identity next time
+                self._dkim_parsed[record.key] = (cached[0], spec.dkim, cached[2])
+                return cached[2]
+        state = rotation.load_state(data)
+        if state is None:
+            wanted = wanted_keys(spec.dkim.selector, spec.dkim.algorithm)
+            keys = keys_from_secret(data, wanted)
+        else:
+            wanted = state.active.dkim_keys()
+            keys = _rotation_keys(keys_from_secret(data, wanted), state, spec)
+        self._signing_wanted[record.key] = wanted
+        self._dkim_parsed[record.key] = (dict(data), spec.dkim, keys)
+        return keys
 
     async def _ensure_dkim_keys(
-        self, domains: list[ObjectRecord], plan: Plan, fresh: dict[Key, dict[str, str]]
+        self,
+        domains: list[ObjectRecord],
+        plan: Plan,
+        fresh: dict[Key, dict[str, str]],
+        only: set[Key] | None = None,
     ) -> bool:
         """Make the keys each served MailDomain lacks (its Secret read through the API: the
-        index may lag behind our own writes); whether any Secret was read or written."""
+        index may lag behind our own writes); whether any Secret was read or written.
+        `only`: no MailDomain or Secret changed, look only at these (_dkim_watch)."""
         changed = False
+        if only is not None:
+            assert self.indexes is not None
+            index = self.indexes.domains
+            domains = [r for key in list(only) if (r := _first(index, key)) is not None]
+        watch = self._dkim_watch
         for record in domains:
+            watch.discard(record.key)
             outcome = plan.domains.get(record.key)
             if outcome is None or outcome.spec is None or not outcome.published:
                 self.dkim_errors.pop(record.key, None)
                 continue
-            wanted = wanted_keys(outcome.spec.dkim.selector, outcome.spec.dkim.algorithm)
             have = self._dkim_data(record, fresh) or {}
+            step = self._rotation_step(record, outcome, have)
+            if step.state is not None:
+                watch.add(record.key)
+                changed = await self._rotate(record, outcome, step, have, fresh) or changed
+                continue
+            self.dkim_rotation.pop(record.key, None)
+            self.rotation_due.pop(record.key, None)
+            wanted = wanted_keys(outcome.spec.dkim.selector, outcome.spec.dkim.algorithm)
             if all(w.data_key in have for w in wanted):
                 self.dkim_errors.pop(record.key, None)
                 continue
+            watch.add(record.key)
             secret = secret_name(record.name)
             if not self._may_try(("dkim", record.key)):
                 continue  # failed a moment ago: the scheduled retry tries again
@@ -332,6 +591,133 @@ class Reconciler:
                 self.not_before.pop(("dkim", record.key), None)
                 changed = True
         return changed
+
+    def _rotation_step(
+        self, record: ObjectRecord, outcome: DomainOutcome, data: Mapping[str, str]
+    ) -> rotation.Step:
+        assert outcome.spec is not None
+        assert outcome.domain is not None
+        spec, domain = outcome.spec, outcome.domain
+        requested = (
+            rotation.ROTATE_ANNOTATION in record.annotations
+            and self._rotate_handled.get(record.key) != record.resource_version
+        )
+        if spec.dkim.rotation is None and not requested and rotation.STATE_KEY not in data:
+            return rotation.Step(state=None)  # the legacy rules, at no cost
+        now = self.clock()
+        published = {k.key.selector: k.record for k in outcome.keys}
+        dns = self.dns_results.get(record.key)
+
+        def name(selector: str) -> str:
+            return f"{selector}._domainkey.{domain}."
+
+        def missing(selectors: list[str]) -> list[str]:
+            seen = dns.seen if dns is not None else frozenset()
+            return [name(s) for s in selectors
+                    if ("TXT", name(s), published.get(s, "")) not in seen]  # fmt: skip
+
+        def wait(gen: rotation.Generation) -> rotation.Wait | None:
+            base = self._base_status(DOMAINS, record)
+            listed = {(str(r.get("name")), str(r.get("value")))
+                      for r in base.get("dnsRecords") or []
+                      if r.get("purpose") == "dkim"}  # fmt: skip
+            is_listed = all(
+                s in published and (name(s), published[s]) in listed for s in gen.selectors()
+            )
+            return rotation.propagation_wait(
+                gen, now=now, rotation=spec.dkim.rotation, listed=is_listed,
+                dns_check=bool(self.settings.dns_check_interval), dns_missing=missing,
+            )  # fmt: skip
+
+        return rotation.advance(
+            rotation.load_state(dict(data)), spec.dkim, data_keys=set(data), now=now,
+            requested=requested, published=wait,
+        )  # fmt: skip
+
+    async def _rotate(
+        self,
+        record: ObjectRecord,
+        outcome: DomainOutcome,
+        step: rotation.Step,
+        have: Mapping[str, str],
+        fresh: dict[Key, dict[str, str]],
+    ) -> bool:
+        """Carry out a rotation step: make the keys it needs, remove the retired ones and keep
+        its state, in one write of the DKIM Secret (read through the API first: the index may
+        lag behind our own writes); then its Events. Whether the Secret was written."""
+        assert step.state is not None
+        secret = secret_name(record.name)
+        if not self._needs_write(step, have) and not step.annotation_handled:
+            self._rotation_done(record, step)
+            self.dkim_errors.pop(record.key, None)
+            return False
+        if not self._may_try(("dkim", record.key)):
+            self.rotation_due.pop(record.key, None)
+            return False  # failed a moment ago: the scheduled retry tries again
+        wrote = False
+        try:
+            current = await self.kube.read_secret_data(record.namespace, secret)
+            data = dkim.decode_data(current) if current is not None else {}
+            if data != dict(have):
+                step = self._rotation_step(record, outcome, data)  # the index was behind
+                assert step.state is not None
+            if self._needs_write(step, data):
+                assert step.state is not None
+                new = await asyncio.to_thread(dkim.missing_keys, data, step.needed)
+                changes: dict[str, str | None] = {
+                    **new, rotation.STATE_KEY: step.state.dump(),
+                    **dict.fromkeys(step.remove),
+                }  # fmt: skip
+                if current is None:
+                    body = dkim.secret_body(
+                        namespace=record.namespace, domain_name=record.name,
+                        domain_uid=record.uid,
+                        data={k: v for k, v in changes.items() if v is not None},
+                    )  # fmt: skip
+                    await self.kube.create_secret(record.namespace, body)
+                    message = f"generated DKIM keys {', '.join(new)} into Secret {secret}"
+                    await self._event(record, "Normal", "DKIMKeyCreated", message)
+                else:
+                    encoded = {k: None if v is None else dkim.b64(v) for k, v in changes.items()}
+                    await self.kube.patch_secret_data(record.namespace, secret, encoded)
+                data = {k: v for k, v in {**data, **changes}.items() if v is not None}
+                fresh[(record.namespace, secret)] = data
+                wrote = True
+            for reason, message in step.events:
+                await self._event(record, "Normal", reason, message)
+            if step.annotation_handled:
+                await self.kube.remove_annotation(
+                    DOMAINS, record.namespace, record.name, rotation.ROTATE_ANNOTATION
+                )
+                self._rotate_handled[record.key] = record.resource_version
+        except KubeError as exc:
+            log.warning("%s: DKIM Secret %s: %s", record, secret, exc)
+            self.dkim_errors[record.key] = f"Secret {secret}: {exc}"
+            self._failed(("dkim", record.key))
+            self.rotation_due.pop(record.key, None)  # the retry after retry_delay covers it
+            return wrote
+        self.dkim_errors.pop(record.key, None)
+        self.not_before.pop(("dkim", record.key), None)
+        self._rotation_done(record, step)
+        return wrote
+
+    @staticmethod
+    def _needs_write(step: rotation.Step, data: Mapping[str, str]) -> bool:
+        assert step.state is not None
+        return (
+            bool(step.remove)
+            or any(w.data_key not in data for w in step.needed)
+            or data.get(rotation.STATE_KEY) != step.state.dump()
+        )
+
+    def _rotation_done(self, record: ObjectRecord, step: rotation.Step) -> None:
+        if step.condition is not None:
+            self.dkim_rotation[record.key] = step.condition
+        if step.due is not None:
+            # a step due now has been taken: what is still due later waits for something else
+            self.rotation_due[record.key] = max(step.due, self.clock() + rotation.LISTING_RECHECK)
+        else:
+            self.rotation_due.pop(record.key, None)
 
     async def _ensure_secret(
         self, record: ObjectRecord, wanted: list[dkim.WantedKey]
@@ -361,39 +747,191 @@ class Reconciler:
             await self._event(record, "Normal", "DKIMKeyAdded", message)
         return {**current, **new}
 
-    async def _publish(self, table: RoutingTable) -> str | None:
-        """Replace the table in Redis if it changed; the error, or None."""
-        document = table.model_dump_json()
-        if document == self.published_json:
+    async def _publish(self, plan: Plan) -> str | None:
+        """Write the entries that changed since the last publish, and drop the domains gone;
+        the error, or None. Only a changed entry is serialised (the plan keeps the same
+        object for an unchanged one; a plan of changed users names the entries it made, and
+        only those are looked at)."""
+        changed: dict[str, str] = {}
+        names: Iterable[str]
+        if (plan.redone_entries is not None and not self.resync
+                and self.published_globals is not None
+                and plan.globals is self._published_globals_of):  # fmt: skip
+            documents = dict(self.published_entries)  # the others: the same, none gone
+            names, deleted, globals_json = plan.redone_entries, [], self.published_globals
+        else:
+            documents, names = {}, plan.entries
+            globals_json = plan.globals.model_dump_json()
+        for name in names:
+            entry = plan.entries[name]
+            before = self.published_entries.get(name)
+            if before is not None and before[0] is entry:
+                documents[name] = before
+                continue
+            document = entry.model_dump_json()
+            documents[name] = (entry, document)
+            if before is None or before[1] != document:
+                changed[name] = document
+        if names is plan.entries:
+            deleted = [name for name in self.published_entries if name not in documents]
+        if (not self.resync and not changed and not deleted
+                and globals_json == self.published_globals):  # fmt: skip
+            self.published_entries = documents  # the same JSON, newer objects
             return None
         try:
-            version = await self.store.replace(table)
+            if self.resync or self.published_version is None:
+                raise VersionConflict("compare with the table in Redis")
+            version = await self.store.apply(
+                changed, deleted, globals_json, expected_version=self.published_version
+            )
+            written = len(changed) + len(deleted)
+        except VersionConflict:
+            # the first publish, or the table moved behind our back: what Redis holds
+            try:
+                version, written = await self.store.replace_entries(
+                    {name: document for name, (_, document) in documents.items()}, globals_json
+                )
+            except Exception as exc:
+                return self._publish_failed(exc)
         except Exception as exc:
-            self.healthy = False
-            log.warning("publishing the routing table failed: %r", exc)
-            return f"Redis: {type(exc).__name__}: {exc}"
-        self.published_json = document
+            return self._publish_failed(exc)
+        self.published_entries = documents
+        self.published_globals = globals_json
+        self._published_globals_of = plan.globals
         self.published_version = version
+        self.resync = False
+        self.published.set()
         self.healthy = True
         log.info(
             "routing table published",
-            extra={"version": version, "domains": len(table.domains), "users": len(table.users)},
-        )
+            extra={"version": version, "domains": len(plan.entries), "written": written,
+                   "users": plan.published_users},
+        )  # fmt: skip
         return None
 
-    def _forget_gone(self, domains: list[ObjectRecord], users: list[ObjectRecord]) -> None:
-        live = {(DOMAINS, d.key) for d in domains} | {(USERS, u.key) for u in users}
-        for key in [k for k in self._applied if k not in live]:
-            del self._applied[key]
-        for step in [k for k in self.not_before if (DOMAINS if k[0] == "dkim" else k[0],
-                                                    k[1]) not in live]:  # fmt: skip
+    def _publish_failed(self, exc: Exception) -> str:
+        self.healthy = False
+        self.resync = True  # a write may have been done without our seeing its answer
+        log.warning("publishing the routing table failed: %r", exc)
+        return f"Redis: {type(exc).__name__}: {exc}"
+
+    async def _lift_suspensions(self, users: list[ObjectRecord], plan: Plan) -> bool:
+        """Lift the submission suspension of each MailUser annotated for it, and remove the
+        annotation; whether a step failed (it is tried again after retry_delay)."""
+        failed = False
+        handled = self._lift_handled
+        for user in users:
+            if LIFT_ANNOTATION not in user.annotations or user.deleting:
+                if handled:
+                    handled.pop(user.key, None)
+                continue
+            if self._lift_handled.get(user.key) == user.resource_version:
+                continue
+            step = ("lift", user.key)
+            if not self._may_try(step):
+                failed = True  # failed a moment ago: the scheduled retry tries again
+                continue
+            outcome = plan.users.get(user.key)
+            address = outcome.address if outcome is not None else None
+            was_suspended = is_true(self._base_status(USERS, user).get("conditions") or [],
+                                    SUBMISSION_SUSPENDED)  # fmt: skip
+            lifted = False
+            if address is not None:
+                try:
+                    if self.redis is None:
+                        raise RuntimeError("no Redis connection")
+                    lifted = await self.suspensions.lift(
+                        self.redis, self.settings.key_prefix, address
+                    )
+                except Exception as exc:
+                    log.warning("%s: lifting the submission suspension failed: %r", user, exc)
+                    self._failed(step)
+                    failed = True
+                    continue
+                if lifted or was_suspended:
+                    self.suspensions.lifted[user.key] = LIFTED_BY_ANNOTATION
+                lifted = lifted or user.key in self.suspensions.lifted
+            try:
+                await self.kube.remove_annotation(USERS, user.namespace, user.name, LIFT_ANNOTATION)
+            except KubeError as exc:
+                log.warning("%s: removing the annotation %s failed: %s", user, LIFT_ANNOTATION, exc)
+                self._failed(step)
+                failed = True
+                continue
+            self.not_before.pop(step, None)
+            self._lift_handled[user.key] = user.resource_version
+            if address is None:
+                await self._event(user, "Warning", "Invalid",
+                                  "nothing lifted: the MailUser has no usable address")  # fmt: skip
+            elif not was_suspended:  # otherwise the condition's change says it
+                reason, message = (
+                    ("Lifted", LIFTED_BY_ANNOTATION) if lifted
+                    else ("NotSuspended", f"nothing to lift: {address} is not suspended")
+                )  # fmt: skip
+                await self._event(user, "Normal", reason, message)
+        return failed
+
+    def _forget_gone(
+        self, domains: list[ObjectRecord], users: list[ObjectRecord] | None, *,
+        gone_users: set[Key] | None = None,
+    ) -> None:  # fmt: skip
+        """Drop what is kept for objects gone: for MailDomains at every reconcile that walks
+        them; what is kept for every MailUser (thousands) when their number moved, and every
+        100th time (`users` None: the index's). `gone_users`: no MailDomain changed, and
+        these are the only users gone (a reconcile of changed users)."""
+        assert self.indexes is not None
+        if gone_users is not None:
+            self._users_count = len(self.indexes.users)
+            for key in gone_users:
+                for step in ((USERS, key), ("lift", key)):
+                    self._applied.pop(step, None)
+                    self.not_before.pop(step, None)
+                    self._settled.pop(step, None)
+                for kept in (self.suspensions.lifted, self._lift_handled, self._settled_users):
+                    kept.pop(key, None)
+                self._unsettled_users.discard(key)
+            return
+        count = len(self.indexes.users) if users is None else len(users)
+        every = count != self._users_count or self.reconciles % 100 == 0
+        user_keys = (
+            None if not every
+            else set(self.indexes.users) if users is None
+            else {u.key for u in users}
+        )  # fmt: skip
+        self._users_count = count
+        domain_keys = {d.key for d in domains}
+
+        def gone(plural: str, key: Key) -> bool:
+            if plural == DOMAINS:
+                return key not in domain_keys
+            return user_keys is not None and key not in user_keys
+
+        for step in [k for k in self._applied if gone(*k)]:
+            del self._applied[step]
+        owners = {"dkim": DOMAINS, "lift": USERS}
+        for step in [k for k in self.not_before if gone(owners.get(k[0], k[0]), k[1])]:
             del self.not_before[step]
-        for domain_key in [k for k in self.dns_results if (DOMAINS, k) not in live]:
+        for user_key in [k for k in self.suspensions.lifted if gone(USERS, k)]:
+            del self.suspensions.lifted[user_key]
+        for user_key in [k for k in self._lift_handled if gone(USERS, k)]:
+            del self._lift_handled[user_key]
+        if every:
+            for step in [k for k in self._settled if gone(*k)]:
+                del self._settled[step]
+            for user_key in [k for k in self._settled_users if gone(USERS, k)]:
+                del self._settled_users[user_key]
+            self._unsettled_users.intersection_update(user_keys or ())
+        self._dkim_watch.intersection_update(domain_keys)
+        for domain_key in [k for k in self.dns_results if k not in domain_keys]:
             del self.dns_results[domain_key]
-        for domain_key in [k for k in self.dns_wanted if (DOMAINS, k) not in live]:
+        for domain_key in [k for k in self.dns_wanted if k not in domain_keys]:
             del self.dns_wanted[domain_key]
-        for domain_key in [k for k in self.dkim_errors if (DOMAINS, k) not in live]:
+        for domain_key in [k for k in self.dkim_errors if k not in domain_keys]:
             del self.dkim_errors[domain_key]
+        for cache in (self._dkim_parsed, self._signing_wanted, self._rotate_handled,
+                      self.dkim_rotation, self.rotation_due):  # fmt: skip
+            for domain_key in [k for k in cache if k not in domain_keys]:
+                del cache[domain_key]
 
     # -- status ---------------------------------------------------------------------------
 
@@ -401,47 +939,130 @@ class Reconciler:
         self,
         plan: Plan,
         domains: list[ObjectRecord],
-        users: list[ObjectRecord],
+        users: list[ObjectRecord] | None,
         publish_error: str | None,
     ) -> bool:
-        """Patch every status that moved; whether a patch failed."""
+        """Patch every status that moved, STATUS_WRITERS at a time (a first start writes every
+        object's status and Event: one at a time, the API server's round trips add up to
+        minutes at 10,000 objects); whether a patch failed."""
         failed = False
+        writes: list[tuple[str, ObjectRecord, dict[str, Any], dict[str, Any]]] = []
+        context = (publish_error, self.suspensions.known)
+        same_context = self._users_context == context
+        self._users_context = context
+        lifted, settled_users = self.suspensions.lifted, self._settled_users
+        unsettled = self._unsettled_users
+        if same_context and plan.redone is not None and self.indexes is not None:
+            # only the users planned again, and those not found right at the last look
+            index = self.indexes.users
+            users = [r for key in (plan.redone | unsettled | set(lifted))
+                     if (r := _first(index, key)) is not None]  # fmt: skip
+        elif users is None:
+            assert self.indexes is not None
+            users = _all(self.indexes.users)
         for plural, records in ((DOMAINS, domains), (USERS, users)):
             for record in records:
+                if plural == USERS and same_context:
+                    seen = settled_users.get(record.key)
+                    if (seen is not None and seen[0] is record
+                            and seen[1] is plan.users.get(record.key)
+                            and record.key not in lifted):  # fmt: skip
+                        unsettled.discard(record.key)
+                        continue  # nothing its status is made from changed
                 base = self._base_status(plural, record)
-                if plural == DOMAINS:
-                    outcome = plan.domains.get(record.key)
-                    if outcome is None:
-                        continue
+                step = (plural, record.key)
+                outcome: DomainOutcome | UserOutcome | None = (
+                    plan.domains.get(record.key)
+                    if plural == DOMAINS
+                    else plan.users.get(record.key)
+                )
+                if outcome is None:
+                    continue
+                inputs = self._status_inputs(record, outcome, publish_error)
+                if self._settled.get(step) == inputs:
+                    # the same object, the same verdict: its status is right already
+                    if isinstance(outcome, UserOutcome):
+                        settled_users[record.key] = (record, outcome)
+                        unsettled.discard(record.key)
+                    continue
+                if isinstance(outcome, DomainOutcome):
                     status = self._domain_status(record, base, outcome, publish_error)
                 else:
-                    uoutcome = plan.users.get(record.key)
-                    if uoutcome is None:
-                        continue
-                    status = self._user_status(record, base, uoutcome, publish_error)
-                step = (plural, record.key)
+                    status = self._user_status(record, base, outcome, publish_error)
                 if {key: base.get(key) for key in status} == status:
-                    self.not_before.pop(step, None)
+                    self._written(step)
+                    self._settled[step] = inputs
+                    if isinstance(outcome, UserOutcome):
+                        settled_users[record.key] = (record, outcome)
+                        unsettled.discard(record.key)
                     continue
+                self._settled.pop(step, None)
+                if plural == USERS:
+                    settled_users.pop(record.key, None)
+                    unsettled.add(record.key)
                 if not self._may_try(step):
                     failed = True  # failed a moment ago: the scheduled retry tries again
                     continue
+                writes.append((plural, record, base, status))
+        pending = iter(writes)
+
+        async def writer() -> bool:
+            failed = False
+            for plural, record, base, status in pending:  # shared: each write taken once
                 try:
                     await self._apply(plural, record, base, status)
                 except KubeError as exc:
                     log.warning("%s: status update failed: %s", record, exc)
-                    self._failed(step)
+                    self._failed((plural, record.key))
                     failed = True
                 else:
-                    self.not_before.pop(step, None)
-        return failed
+                    self._written((plural, record.key))
+            return failed
+
+        results = await asyncio.gather(*(writer() for _ in range(min(STATUS_WRITERS, len(writes)))))
+        return failed or any(results)
+
+    def is_echo(self, plural: str, body: Mapping[str, Any], event: str | None = None) -> bool:
+        """Whether a watch event only brings back our own status write (its resourceVersion is
+        the one our patch made): nothing to plan again for it. A deletion never is, whatever
+        version its last copy carries (an API server may send the copy as last written)."""
+        if event == "DELETED":
+            return False
+        meta = body.get("metadata") or {}
+        applied = self._applied.get((plural, (str(meta.get("namespace") or ""),
+                                              str(meta.get("name") or ""))))  # fmt: skip
+        return (
+            applied is not None
+            and applied.written_version is not None
+            and applied.uid == str(meta.get("uid") or "")
+            and applied.written_version == str(meta.get("resourceVersion") or "")
+        )
+
+    def _status_inputs(
+        self, record: ObjectRecord, outcome: DomainOutcome | UserOutcome, publish_error: str | None
+    ) -> tuple[Any, ...]:
+        """Everything an object's desired status is made from, besides its own copy (which
+        its resourceVersion stands for)."""
+        common = (record.uid, record.resource_version, outcome, publish_error)
+        if isinstance(outcome, DomainOutcome):
+            return (*common, self.dkim_errors.get(record.key), self.dns_results.get(record.key),
+                    self.dkim_rotation.get(record.key), self.dane_keys)  # fmt: skip
+        known = self.suspensions.known
+        suspension = known.get(outcome.address) if known and outcome.address else None
+        return (*common, known is None, suspension, self.suspensions.lifted.get(record.key))
+
+    def _written(self, step: tuple[str, Key]) -> None:
+        """The object's status is what it should be."""
+        self.not_before.pop(step, None)
+        if step[0] == USERS:
+            self.suspensions.lifted.pop(step[1], None)  # the status says it now
 
     def _base_status(self, plural: str, record: ObjectRecord) -> dict[str, Any]:
         """The object's status as last written: the index's, unless it has not seen our
         latest write yet."""
         applied = self._applied.get((plural, record.key))
         if applied is not None:
-            if applied.uid == record.uid and applied.resource_version == record.resource_version:
+            if not applied.seen_in(record):
                 return applied.status
             del self._applied[(plural, record.key)]
         return record.status
@@ -467,7 +1088,8 @@ class Reconciler:
             )
         signing = [k.key.selector for k in outcome.keys if k.key.signing]
         wanted = (
-            wanted_keys(outcome.spec.dkim.selector, outcome.spec.dkim.algorithm)
+            self._signing_wanted.get(record.key)
+            or wanted_keys(outcome.spec.dkim.selector, outcome.spec.dkim.algorithm)
             if outcome.spec
             else []
         )
@@ -485,12 +1107,17 @@ class Reconciler:
             )
         records = (
             [r.dump() for r in dns_records(
-                outcome.domain, outcome.spec, self.settings.mx_hostname(), outcome.keys)]
+                outcome.domain, outcome.spec, self.settings.mx_hostname(), outcome.keys,
+                mta_sts_host_target=self.settings.mta_sts_host_target,
+                tlsa=tlsa_records(self.settings.mx_hostname(), self.dane_keys))]
             if outcome.spec is not None and outcome.domain is not None
             else []
         )  # fmt: skip
         values["DNSVerified"] = self._dns_verified(record.key, records)
-        failing = [v for k, v in values.items() if k != "DNSVerified" and v.status != "True"]
+        if record.key in self.dkim_rotation and outcome.published:
+            values[rotation.CONDITION] = self.dkim_rotation[record.key]
+        failing = [v for k, v in values.items()
+                   if k in ("Published", "DKIMKeyReady") and v.status != "True"]  # fmt: skip
         if outcome.warning is not None:
             failing.append(ConditionValue("False", outcome.warning.reason, outcome.warning.message))
         values["Ready"] = (
@@ -500,10 +1127,12 @@ class Reconciler:
         )
         return {
             "observedGeneration": gen,
+            "domain": outcome.domain if outcome.published else base.get("domain"),
             "conditions": self._conditions(record, base, values),
             "users": outcome.users,
             "dkimSecret": secret_name(record.name),
             "dnsRecords": records,
+            "spam": effective(outcome.spec.spam, self.settings).dump() if outcome.spec else None,
         }
 
     def _dns_verified(self, key: Key, records: list[dict[str, Any]]) -> ConditionValue:
@@ -540,9 +1169,15 @@ class Reconciler:
             )
         else:
             ready = ConditionValue("True", "Published", "in the routing table")
+        values = {"Ready": ready}
+        suspended = self.suspensions.condition(
+            record.key, outcome.address, list(base.get("conditions") or [])
+        )
+        if suspended is not None:
+            values[SUBMISSION_SUSPENDED] = suspended
         return {
             "observedGeneration": record.generation,
-            "conditions": self._conditions(record, base, {"Ready": ready}),
+            "conditions": self._conditions(record, base, values),
             "mailbox": outcome.mailbox,
         }
 
@@ -562,11 +1197,11 @@ class Reconciler:
     ) -> None:
         if {key: base.get(key) for key in status} == status:
             return
-        await self.kube.patch_status(plural, record.namespace, record.name, status)
+        written = await self.kube.patch_status(plural, record.namespace, record.name, status)
         self._applied[(plural, record.key)] = _Applied(
-            record.uid, record.resource_version, {**base, **status}
+            record.uid, record.resource_version, written, {**base, **status}
         )
-        for type_ in EVENT_CONDITIONS:
+        for type_, failure in EVENT_CONDITIONS.items():
             old = find(base.get("conditions") or [], type_) or {}
             new = find(status["conditions"], type_)
             if new is None or (old.get("status"), old.get("reason")) == (
@@ -574,10 +1209,12 @@ class Reconciler:
                 new.get("reason"),
             ):
                 continue
-            if new["status"] == "True":
-                await self._event(record, "Normal", new["reason"], new["message"])
-            elif new["status"] == "False":
+            if new["status"] == failure:
                 await self._event(record, "Warning", new["reason"], new["message"])
+            elif new["status"] != "Unknown" and (
+                failure == "False" or old.get("status") == failure
+            ):
+                await self._event(record, "Normal", new["reason"], new["message"])
 
     async def _event(self, record: ObjectRecord, type_: str, reason: str, message: str) -> None:
         """Post an Event on the object; a failure to post is logged, not retried."""
@@ -592,3 +1229,34 @@ class Reconciler:
             )  # fmt: skip
         except KubeError as exc:
             log.warning("%s: posting the event %s failed: %s", record, reason, exc)
+
+
+NEXT_NOTE = (
+    "next key: not signing yet; publish this record, the key signs once it is found "
+    "in DNS (or after propagationDelay)"
+)
+
+
+def _rotation_keys(
+    keys: list[PublishedKey], state: rotation.RotationState, spec: MailDomainSpec
+) -> list[PublishedKey]:
+    """The keys in the order status lists them (signing, next, retiring, others), the ones
+    that do not sign with a note saying why they are listed."""
+    overlap = rotation.seconds((spec.dkim.rotation or DkimRotationSpec()).overlap)
+    notes: dict[str, tuple[int, str]] = {}
+    if state.next is not None:
+        for selector in state.next.selectors():
+            notes[selector] = (1, NEXT_NOTE)
+    for old in state.retiring:
+        until = (old.since + overlap).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for selector in old.selectors():
+            notes[selector] = (2, f"retiring key: no longer signs; the operator removes it at "
+                                  f"{until}, then delete this record")  # fmt: skip
+    ordered = sorted(keys, key=lambda k: 0 if k.key.signing
+                     else notes.get(k.key.selector, (3, ""))[0])  # fmt: skip
+    return [
+        k
+        if k.key.signing or k.key.selector not in notes
+        else PublishedKey(k.key, k.record, notes[k.key.selector][1])
+        for k in ordered
+    ]

@@ -3,26 +3,36 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
-
-import kopf
 
 from mailkube_core.redis_client import RedisClient
 from mailkube_core.settings import OperatorSettings
 
 from .publish import Reconciler
+from .secrets import random_key
+from .store import Stores
 
 
 @dataclass
 class OperatorState:
     settings: OperatorSettings
-    connection: kopf.ConnectionInfo | None = None
     redis: RedisClient | None = None
     reconciler: Reconciler | None = None
+    #: the key of the Secret index's fingerprints (secrets.fingerprint_key, read at start-up)
+    fingerprint_key: bytes = field(default_factory=random_key)
+    stores: Stores = field(init=False)
+    resync: asyncio.Task[None] | None = None
+    freeze: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.stores = Stores(fingerprint_key=lambda: self.fingerprint_key)
+
     initial_publish: asyncio.Task[None] | None = None
     redis_check: asyncio.Task[None] | None = None
     dns_check: asyncio.Task[None] | None = None
+    suspension_check: asyncio.Task[None] | None = None
+    dane_check: asyncio.Task[None] | None = None
 
 
 def state_of(memo: Any) -> OperatorState:

@@ -15,31 +15,35 @@ import contextlib
 import ctypes
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 
+from mailkube_core.parent_death import follow_parent
 from mailkube_core.queue import Queue
 from mailkube_core.redis_client import RedisClient, connect_redis
+from mailkube_core.redis_multiplexed import multiplexed
 from mailkube_core.routing import PasswordVerifier, RoutingReader, RoutingStore
 from mailkube_core.service import Service
-from mailkube_core.settings import GatewaySettings, SettingsError
+from mailkube_core.settings import GatewaySettings, SettingsError, split_host_port
 
 from .gateway import Gateway
 from .listeners import ListenerSpec, listener_specs, serve_listener
-from .mailauth.stages import build_stages
+from .mailauth.stages import SubmissionSigning, build_resolver, build_stages
+from .mtasts import MtaStsServer
 from .pipeline import Pipeline
-from .ratelimit import Limits, multiplexed
+from .ratelimit import Limits
+from .screening.screen import Screening
 from .session import GatewaySMTP
+from .spam.build import build_spam_stages
+from .spam.suspended import SuspendedUsers
 from .tls import CertificateStore
 
 log = logging.getLogger(__name__)
 #: set in the extra processes `processes` starts, which share the listeners of the first:
 #: the first one's pid
 CHILD_ENV = "MAILKUBE_GATEWAY_CHILD"
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _redis_check(redis: RedisClient) -> Callable[[], Awaitable[bool]]:
@@ -51,10 +55,11 @@ def _redis_check(redis: RedisClient) -> Callable[[], Awaitable[bool]]:
 
 def _start_children(settings: GatewaySettings) -> list[subprocess.Popen[bytes]]:
     """processes > 1: more copies of this process on the same ports (SO_REUSEPORT); the
-    kernel spreads connections over them. They have no telemetry server of their own."""
+    kernel spreads connections over them. They have no telemetry or MTA-STS server of their own."""
     if settings.processes <= 1 or os.environ.get(CHILD_ENV):
         return []
-    env = {**os.environ, CHILD_ENV: str(os.getpid()), "MAILKUBE_TELEMETRY_LISTEN": ""}
+    env = {**os.environ, CHILD_ENV: str(os.getpid()), "MAILKUBE_TELEMETRY_LISTEN": "",
+           "MAILKUBE_MTA_STS_LISTEN": ""}  # fmt: skip
     return [
         subprocess.Popen([sys.executable, "-m", "mailkube_gateway"], env=env)
         for _ in range(settings.processes - 1)
@@ -63,17 +68,11 @@ def _start_children(settings: GatewaySettings) -> list[subprocess.Popen[bytes]]:
 
 def _stop_with_parent() -> None:
     """In an extra process: SIGTERM (a graceful stop) when the first process dies, however it
-    dies, SIGKILL included, so that no orphan keeps serving on its ports. Linux's
-    PR_SET_PDEATHSIG, set by the child itself (a preexec_fn in the parent is unsafe with
-    threads), then a check that the parent did not die before it was set."""
+    dies, SIGKILL included, so that no orphan keeps serving on its ports. Asked by the child
+    itself: a preexec_fn in the parent is unsafe with the parent's threads."""
     parent = os.environ.get(CHILD_ENV)
-    if not parent or not parent.isdigit():
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+    if parent and parent.isdigit() and not follow_parent(int(parent)):
         log.warning("cannot follow the first process", extra={"errno": ctypes.get_errno()})
-    if os.getppid() != int(parent):
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _stop_children(children: list[subprocess.Popen[bytes]], grace: float) -> None:
@@ -84,6 +83,10 @@ def _stop_children(children: list[subprocess.Popen[bytes]], grace: float) -> Non
             child.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             child.kill()
+
+
+#: a whole MTA-STS policy request, read and answered
+MTA_STS_REQUEST_TIMEOUT = 10.0
 
 
 class GatewayApp:
@@ -100,7 +103,12 @@ class GatewayApp:
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
             self.certs = CertificateStore(settings.tls_cert_file, settings.tls_key_file)
         self.verifier = PasswordVerifier()
-        stages, self.auth_checks = build_stages(settings, self.routing)
+        resolver = build_resolver(settings)  # one per process: SPF, DKIM, DMARC, screening
+        stages, self.auth_checks = build_stages(settings, self.routing, resolver)
+        suspended = SuspendedUsers(self.redis, settings.key_prefix)
+        # after email authentication (whose results they read), before DKIM signing
+        signing = next(i for i, stage in enumerate(stages) if isinstance(stage, SubmissionSigning))
+        stages[signing:signing] = build_spam_stages(settings, self.routing, self.redis, suspended)
         self.gateway = Gateway(
             settings=settings,
             redis=self.redis,
@@ -110,7 +118,19 @@ class GatewayApp:
             limits=Limits(self.redis, settings.key_prefix),
             certs=self.certs,
             pipeline=Pipeline(stages),
+            screening=Screening(settings, resolver, self.redis),
+            suspended=suspended,
         )
+        self.mta_sts: MtaStsServer | None = None
+        self.mta_sts_certs: CertificateStore | None = None
+        if settings.mta_sts_listen:
+            self.mta_sts = MtaStsServer(self.routing, request_timeout=MTA_STS_REQUEST_TIMEOUT)
+            if settings.mta_sts_tls_cert_file and settings.mta_sts_tls_key_file:
+                self.mta_sts_certs = CertificateStore(
+                    settings.mta_sts_tls_cert_file,
+                    settings.mta_sts_tls_key_file,
+                    settings="mta_sts_tls_cert_file/mta_sts_tls_key_file",
+                )
         self.servers: list[asyncio.Server] = []
         self.bound: list[tuple[ListenerSpec, asyncio.Server]] = []
         self.children: list[subprocess.Popen[bytes]] = []
@@ -145,7 +165,26 @@ class GatewayApp:
             for server in servers:
                 self.servers.append(server)
                 self.bound.append((spec, server))
-            log.info("listening", extra={"listener": spec.name, "address": spec.address})
+            ports = sorted({sock.getsockname()[1] for server in servers for sock in server.sockets})
+            where = {"listener": spec.name, "address": spec.address, "ports": ports}
+            log.info("listening", extra=where)
+        if self.mta_sts is not None:
+            host, port = split_host_port(self.settings.mta_sts_listen)
+            tls = None
+            if self.mta_sts_certs is not None:
+                tls = self.mta_sts_certs.context
+                self.mta_sts_certs.start(self.settings.tls_check_interval)
+            try:
+                await self.mta_sts.start(host, port, tls=tls)
+            except OSError as exc:
+                for server in self.servers:
+                    server.close()
+                raise SettingsError(
+                    f"invalid setting mta_sts_listen: cannot listen on "
+                    f"{self.settings.mta_sts_listen}: {exc.strerror}"
+                ) from None
+            log.info("listening", extra={"listener": "mta-sts",
+                                         "address": self.settings.mta_sts_listen})  # fmt: skip
         self.children = _start_children(self.settings)
         return True
 
@@ -165,6 +204,8 @@ class GatewayApp:
             child.terminate()
         for server in self.servers:
             server.close()
+        if self.mta_sts is not None:
+            await self.mta_sts.stop()
         gateway.stop_sessions()
         grace = self.settings.shutdown_grace.total_seconds()
         with contextlib.suppress(TimeoutError):
@@ -179,16 +220,38 @@ class GatewayApp:
         await asyncio.gather(*gateway.background, return_exceptions=True)
         if self.certs is not None:
             await self.certs.stop()
+        if self.mta_sts_certs is not None:
+            await self.mta_sts_certs.stop()
         await self.routing.stop()
         self.verifier.close()
         self.auth_checks.close()
         await self.redis.aclose()
 
 
+#: descriptors a process needs besides its SMTP connections (Redis pool, DNS, files, rspamd)
+FD_MARGIN = 256
+
+
+def _check_fd_limit(settings: GatewaySettings) -> None:
+    """Warn when max_connections cannot be reached: each connection is a descriptor, and
+    past the open-file limit accept() fails (run_service raised it as far as it could)."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = settings.max_connections + FD_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the open-file limit is below what max_connections needs; raise the container's "
+            "nofile limit or lower max_connections",
+            extra={"limit": soft, "needed": needed, "max_connections": settings.max_connections},
+        )
+
+
 async def serve(settings: GatewaySettings, service: Service) -> None:
     # aiosmtpd logs every command at INFO: far too much for production, and slow
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     _stop_with_parent()
+    _check_fd_limit(settings)
     app = GatewayApp(settings)
     service.health.add_readiness_check("redis", _redis_check(app.redis))
     service.health.add_readiness_check("listeners", app.ready)

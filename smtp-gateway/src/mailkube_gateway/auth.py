@@ -1,10 +1,14 @@
-"""SMTP AUTH (RFC 4954) with PLAIN (RFC 4616) and LOGIN, against the routing table, with
-failed attempts throttled per client address and per user across every gateway (Redis)."""
+"""SMTP AUTH (RFC 4954) with PLAIN (RFC 4616) and LOGIN, against the routing table. Who may
+try, and after how long, is auth_throttle's decision on what every gateway remembers in Redis:
+the guessing network throttled, one user's guessers slowed, the networks the user logged in
+from never refused."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from opentelemetry import metrics
@@ -13,6 +17,7 @@ from mailkube_core.addresses import normalize_address
 from mailkube_core.routing import PasswordVerifier, RoutingReader
 from mailkube_core.settings import GatewaySettings
 
+from .auth_throttle import AuthRules, client_network, decide
 from .ratelimit import Limits
 
 log = logging.getLogger(__name__)
@@ -24,8 +29,8 @@ _attempts = metrics.get_meter("mailkube.gateway").create_counter(
 class AuthOutcome(enum.Enum):
     OK = "ok"
     FAILED = "failed"
-    #: too many failures from this address or for this user: 454 4.7.0 and hang up
-    LOCKED = "locked"
+    #: too many failures from this client's network: 454 4.7.0 and hang up
+    THROTTLED = "throttled"
 
 
 @dataclass(frozen=True)
@@ -61,29 +66,40 @@ class Authenticator:
         routing: RoutingReader,
         verifier: PasswordVerifier,
         limits: Limits,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.settings = settings
         self.routing = routing
         self.verifier = verifier
         self.limits = limits
-
-    async def locked_out(self, client_ip: str) -> bool:
-        failures = await self.limits.auth_failures("ip", client_ip)
-        return failures >= self.settings.auth_max_failures
+        self.rules = AuthRules(
+            max_failures=settings.auth_max_failures,
+            max_delay=settings.auth_max_delay.total_seconds(),
+        )
+        #: how a decision's delay is waited for (tests record it instead)
+        self.sleep = sleep
 
     async def authenticate(
         self, client_ip: str, credentials: Credentials
     ) -> tuple[AuthOutcome, str | None]:
         """(outcome, the user's address when OK). Redis errors propagate (454 4.7.0)."""
-        try:
-            name = normalize_address(credentials.authcid)
-        except ValueError:
-            name = credentials.authcid.lower()[:320]
-        limit = self.settings.auth_max_failures
-        if await self.limits.auth_failures("user", name) >= limit:
-            _attempts.add(1, {"outcome": "locked"})
-            return AuthOutcome.LOCKED, None
+        name = _address(credentials.authcid)
+        network = client_network(client_ip)
+        history = await self.limits.auth_history(name, network)
+        decision = decide(history, self.rules)
         user = self.routing.snapshot.user(name)
+        # a name that is no user may be a password typed into the wrong field: never logged
+        logged_user = user.address if user is not None else None
+        if decision.refused:
+            _attempts.add(1, {"outcome": "refused", "reason": decision.reason})
+            log.info(
+                "authentication refused",
+                extra={"client_ip": client_ip, "user": logged_user, "reason": decision.reason,
+                       "network_failures": history.network_failures},
+            )  # fmt: skip
+            return AuthOutcome.THROTTLED, None
+        if decision.delay:
+            await self.sleep(decision.delay)
         # verified even for unknown users (against a dummy hash), so timing tells nothing
         password_hash = user.password_hash if user else None
         valid = await self.verifier.verify(password_hash, credentials.password)
@@ -95,17 +111,32 @@ class Authenticator:
             except ValueError:
                 valid = False
         if valid and user is not None and not user.suspended:
-            _attempts.add(1, {"outcome": "ok"})
+            await self.limits.record_auth_success(
+                name, network, self.settings.auth_remember_networks
+            )
+            _attempts.add(1, {"outcome": "ok", "reason": decision.reason})
             return AuthOutcome.OK, user.address
-        window = self.settings.auth_failure_window
-        by_ip = await self.limits.record_auth_failure("ip", client_ip, window)
-        by_user = await self.limits.record_auth_failure("user", name, window)
+        counted = await self.limits.record_auth_failure(
+            name, network, self.settings.auth_failure_window, history
+        )
+        after = decide(counted, self.rules)
         log.info(
             "authentication failed",
-            extra={"client_ip": client_ip, "user": name, "failures": max(by_ip, by_user)},
-        )
-        if by_ip >= limit or by_user >= limit:
-            _attempts.add(1, {"outcome": "locked"})
-            return AuthOutcome.LOCKED, None
-        _attempts.add(1, {"outcome": "failed"})
+            extra={"client_ip": client_ip, "user": logged_user, "reason": decision.reason,
+                   "delay": decision.delay, "network_failures": counted.network_failures,
+                   "user_failures": counted.user_failures},
+        )  # fmt: skip
+        if after.refused:  # the next try would be refused: the guesser is cut off now
+            _attempts.add(1, {"outcome": "refused", "reason": after.reason})
+            return AuthOutcome.THROTTLED, None
+        _attempts.add(1, {"outcome": "failed", "reason": decision.reason})
         return AuthOutcome.FAILED, None
+
+
+def _address(authcid: str) -> str:
+    """The user an AUTH attempt names: its normalised address, or the name as it came
+    (lower-case, bounded) when it is none."""
+    try:
+        return normalize_address(authcid)
+    except ValueError:
+        return authcid.lower()[:320]

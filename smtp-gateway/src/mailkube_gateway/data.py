@@ -6,6 +6,10 @@ other servers took for it (LF "." LF, LF "." CRLF, CR "." CR ...) are not; and s
 may only appear together as CRLF (RFC 5321 §2.3.8), a message holding a bare CR or LF is
 refused as a whole after its end. So no byte sequence turns one message into two, or ends one
 where a downstream server would not.
+
+The bytes a message holds while it is read are counted against the process's limit for all
+sessions in DATA (data_memory.py): past it, the message is dropped as it arrives, as one past
+the size limit is.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .data_memory import DataHold
+
 END = b"\r\n.\r\n"
 CHUNK = 256 * 1024
 
@@ -23,6 +29,8 @@ class DataStatus(enum.Enum):
     OK = "ok"
     TOO_BIG = "too big"
     BARE_LINE_ENDING = "bare CR or LF"
+    #: the sessions in DATA hold the process's data_memory_limit: 452 4.3.1
+    NO_MEMORY = "no memory"
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,13 @@ def unstuff(wire: bytes) -> bytes:
     return wire.replace(b"\r\n.", b"\r\n")[2:]
 
 
+def wire_allowance(limit: int) -> int:
+    """Wire bytes read before a message of at most `limit` bytes is known to be too big:
+    dot-stuffing adds at most one byte per line (and lines are long), and the exact size is
+    checked on the unstuffed content."""
+    return limit + limit // 32 + 1024
+
+
 def has_bare_line_ending(content: bytes) -> bool:
     """Any CR not followed by LF, or LF not preceded by CR: as many CR as LF as CRLF. (Three
     C-speed passes, the slow one, for CRLF, only when the quick ones agree.)"""
@@ -53,31 +68,39 @@ async def read_data(
     *,
     limit: int,
     on_progress: Callable[[], None] | None = None,
+    hold: DataHold | None = None,
 ) -> DataResult:
     """Read up to and including the end of data. What the client sent after it (pipelined
-    commands) goes back through `unread`. Past `limit` bytes the content is dropped as it
-    arrives (only the last 4 bytes are kept to find the end), so a huge message costs no
-    memory. Raises asyncio.IncompleteReadError if the client hangs up first."""
+    commands) goes back through `unread`. Past `limit` bytes, or when `hold` (the session's
+    share of the process's memory for DATA) cannot grow by the next bytes, the content is
+    dropped as it arrives (only the last 4 bytes are kept to find the end), so a huge message
+    costs no memory. The bytes held stay in `hold` until the caller gives them back. Raises
+    asyncio.IncompleteReadError if the client hangs up first."""
     # The CRLF that ended "DATA" starts the buffer, so that END also finds an empty message
     # (".\r\n" first) and a first line starting with "." is unstuffed like the others.
     buffer = bytearray(b"\r\n")
     scanned = 0  # END cannot start before this offset in buffer
-    dropped = 0  # bytes dropped from the front of buffer after the limit was passed
-    # wire bytes allowed before dropping: dot-stuffing can add at most one byte per line, and
-    # the exact size is checked on the unstuffed content
-    keep = limit + limit // 32 + 1024
+    dropped = 0  # bytes dropped from the front of buffer after the data was refused
+    refused: DataStatus | None = None  # TOO_BIG or NO_MEMORY, once the data is dropped
+    keep = wire_allowance(limit)
     while True:
         chunk = await reader.read(CHUNK)
         if not chunk:
             raise asyncio.IncompleteReadError(bytes(buffer), None)
         if on_progress is not None:
             on_progress()
+        if refused is None and hold is not None and not hold.grow(len(chunk)):
+            refused = DataStatus.NO_MEMORY  # (grow gave the share back)
         buffer += chunk
         end = buffer.find(END, scanned)
         if end >= 0:
             break
         scanned = max(0, len(buffer) - len(END) + 1)
-        if dropped or len(buffer) > keep:
+        if refused is None and len(buffer) > keep:
+            refused = DataStatus.TOO_BIG
+            if hold is not None:
+                hold.release()
+        if refused is not None:
             tail = len(buffer) - (len(END) - 1)
             dropped += tail
             del buffer[:tail]
@@ -86,9 +109,10 @@ async def read_data(
     if after < len(buffer):
         unread(bytes(buffer[after:]))
     wire_size = dropped + after - 2
-    if dropped:
-        return DataResult(DataStatus.TOO_BIG, b"", wire_size)
-    wire = bytes(buffer[: end + 2])
+    if refused is not None:
+        return DataResult(refused, b"", wire_size)
+    del buffer[end + 2 :]
+    wire = bytes(buffer)
     del buffer
     if has_bare_line_ending(wire):
         return DataResult(DataStatus.BARE_LINE_ENDING, b"", wire_size)

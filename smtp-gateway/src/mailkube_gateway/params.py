@@ -1,6 +1,6 @@
 """ESMTP parameters of MAIL and RCPT (RFC 5321 §4.1.2 esmtp-param): SIZE (RFC 1870), BODY
-(RFC 6152), SMTPUTF8 (RFC 6531), AUTH (RFC 4954 §5) and the DSN parameters RET, ENVID, NOTIFY
-and ORCPT (RFC 3461)."""
+(RFC 6152), SMTPUTF8 (RFC 6531), AUTH (RFC 4954 §5), REQUIRETLS (RFC 8689) and the DSN
+parameters RET, ENVID, NOTIFY and ORCPT (RFC 3461)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
 _ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")
 
 
+#: RFC 6152 8BITMIME, RFC 3030 BINARYMIME
+BodyType = Literal["7BIT", "8BITMIME", "BINARYMIME"]
+
+
 class ParamError(ValueError):
     """A parameter the gateway refuses; `reply` is the full SMTP reply."""
 
@@ -30,10 +34,11 @@ class ParamError(ValueError):
 @dataclass(frozen=True)
 class MailParams:
     size: int | None = None
-    body: Literal["7BIT", "8BITMIME"] = "7BIT"
+    body: BodyType = "7BIT"
     smtputf8: bool = False
     ret: Literal["FULL", "HDRS"] | None = None
     envid: str | None = None
+    requiretls: bool = False
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,13 @@ def decode_xtext(value: str) -> str:
 def parse_mail_params(text: str, *, max_size: int) -> MailParams:
     params = split_params(text)
     size: int | None = None
-    body: Literal["7BIT", "8BITMIME"] = "7BIT"
+    body: BodyType = "7BIT"
     ret: Literal["FULL", "HDRS"] | None = None
     envid: str | None = None
-    smtputf8 = False
+    smtputf8 = requiretls = False
     for keyword, value in params.items():
         if keyword == "SIZE":
-            if value is None or not value.isdigit() or len(value) > 20:
+            if value is None or not (value.isascii() and value.isdigit()) or len(value) > 20:
                 raise ParamError("501 5.5.4 SIZE needs a number")
             size = int(value)
             if size > max_size:  # RFC 1870 §6.1
@@ -84,12 +89,18 @@ def parse_mail_params(text: str, *, max_size: int) -> MailParams:
                 body = "7BIT"
             elif upper == "8BITMIME":
                 body = "8BITMIME"
-            else:  # BINARYMIME needs CHUNKING (RFC 3030), which is not offered
-                raise ParamError("501 5.5.4 BODY must be 7BIT or 8BITMIME")
+            elif upper == "BINARYMIME":  # RFC 3030 §3: the content comes by BDAT only
+                body = "BINARYMIME"
+            else:
+                raise ParamError("501 5.5.4 BODY must be 7BIT, 8BITMIME or BINARYMIME")
         elif keyword == "SMTPUTF8":
             if value is not None:
                 raise ParamError("501 5.5.4 SMTPUTF8 takes no value")
             smtputf8 = True
+        elif keyword == "REQUIRETLS":
+            if value is not None:
+                raise ParamError("501 5.5.4 REQUIRETLS takes no value")
+            requiretls = True
         elif keyword == "RET":
             upper = (value or "").upper()
             if upper == "FULL":
@@ -111,7 +122,8 @@ def parse_mail_params(text: str, *, max_size: int) -> MailParams:
             continue
         else:
             raise ParamError(f"555 5.5.4 Unsupported parameter {keyword}")
-    return MailParams(size=size, body=body, smtputf8=smtputf8, ret=ret, envid=envid)
+    return MailParams(size=size, body=body, smtputf8=smtputf8, ret=ret, envid=envid,
+                      requiretls=requiretls)  # fmt: skip
 
 
 def parse_rcpt_params(text: str) -> RcptParams:

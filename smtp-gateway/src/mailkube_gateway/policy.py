@@ -1,6 +1,8 @@
 """What a session may do: admission, MAIL, RCPT, and the acceptance of a message into the
-durable queue. The session (session.py) parses; this decides, and answers every question with
-a complete SMTP reply (replies.py)."""
+durable queue. The session (session.py) parses and hands this values; the rules themselves
+are pure functions (rules.py), and this does the I/O around them (the connection lease, the
+recipient counters, the filters, the queue). Every answer is a complete SMTP reply
+(replies.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,27 +19,27 @@ from redis.exceptions import RedisError
 
 from mailkube_core.addresses import normalize_address
 from mailkube_core.queue import Envelope, Recipient
-from mailkube_core.routing import User
-from mailkube_core.telemetry import Tally, inject_trace_context
+from mailkube_core.telemetry import Tally, inject_trace_context, span_ids_only, spans_exported
 
-from . import replies
-from .data import DataResult, DataStatus
+from . import replies, rules
+from .data import DataResult, DataStatus, has_bare_line_ending
 from .gateway import Gateway
 from .headers import (
     HeaderError,
     add_after_headers,
-    check_fields,
     parse_header_section,
     submission_additions,
 )
 from .params import MailParams, RcptParams
-from .pipeline import Action, Message
+from .pipeline import Action, ClientFacts, Message
 from .ratelimit import SenderRate
 from .received import protocol_type, received_header
-from .relay import Path, RelayVerdict, relay_verdict
+from .relay import Path
+from .rules import Client
+from .screening.dnsbl import TRACE_FIELD, remove_trace_fields
 
 if TYPE_CHECKING:
-    from .session import GatewaySMTP
+    from .screening.screen import ClientScreen
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("mailkube.gateway")
@@ -51,10 +54,14 @@ _connections = Tally(
 )  # fmt: skip
 #: Redis trouble of any kind: the answer is 4xx, never a lost message
 REDIS_ERRORS = (RedisError, TimeoutError, OSError)
+_NO_FACTS = ClientFacts()
+_TRACE_NAME = TRACE_FIELD.lower()
 
 
 @dataclass
 class Transaction:
+    #: who started it (a transaction ends with any change of HELO, TLS or AUTH)
+    client: Client
     mail_from: str
     params: MailParams
     #: counted against its rate with the first accepted recipient, then None
@@ -67,33 +74,48 @@ class Transaction:
 
 
 class Policy:
-    def __init__(self, gateway: Gateway, session: GatewaySMTP) -> None:
+    """One connection's admission and transactions: the rules (rules.py) with the Redis
+    counters and the queue around them. It is handed values by the session, never the
+    session itself; `close` ends the connection with a reply (a client over its limit)."""
+
+    def __init__(self, gateway: Gateway, close: Callable[[str], None]) -> None:
         self.gateway = gateway
         self.settings = gateway.settings
-        self.session = session
+        self._close = close
         #: the connection lease on its way, until the session waits for it (`admitted`)
         self.admitting: asyncio.Task[bool] | None = None
+        #: the connection-level checks of this client (screening/), started with the lease
+        self.screen: ClientScreen | None = None
+        self._client_ip = ""
+        self._connection_id = ""
         self._leased = False
         self._gone = False
 
     # --- connection ---------------------------------------------------------------------
 
-    def admit(self) -> str | None:
+    def admit(self, listener: str, client_ip: str, connection_id: str) -> str | None:
         """None to greet the client at once, else the 421 to close with.
 
         The client address's connection lease is asked for meanwhile: its Redis round trip
         runs while the greeting travels and the client answers it, instead of before the
         greeting. No command runs until the answer is in (`admitted`); a client over its
-        limit gets `421 4.7.0` (RFC 5321 §3.8: the server may close with 421 at any time)."""
-        if self.gateway.stopping:
+        limit gets `421 4.7.0` (RFC 5321 §3.8: the server may close with 421 at any time).
+
+        The connection-level checks start here too (DNS lists, reverse name, early-talker
+        memory: screening/), their Redis command in this turn, beside the lease's."""
+        gateway = self.gateway
+        if gateway.stopping:
             return replies.SHUTTING_DOWN
-        if len(self.gateway.sessions) > self.settings.max_connections:
+        if len(gateway.sessions) > self.settings.max_connections:
             _connections.add(1, {"outcome": "busy"})
             return replies.SERVER_BUSY
+        self._client_ip, self._connection_id = client_ip, connection_id
         lease = asyncio.get_running_loop().create_task(self._lease())
         self.admitting = lease
-        self.gateway.background.add(lease)  # it may outlive the session
-        lease.add_done_callback(self.gateway.background.discard)
+        gateway.background.add(lease)  # it may outlive the session
+        lease.add_done_callback(gateway.background.discard)
+        if gateway.screening is not None:
+            self.screen = gateway.screening.start(listener, client_ip)
         return None
 
     async def admitted(self) -> bool:
@@ -102,12 +124,11 @@ class Policy:
         return True if lease is None else await lease
 
     async def _lease(self) -> bool:
-        session = self.session
         try:
             # a lease outlives any idle session (the read timeout closes those first)
             lease = self.settings.read_timeout * 2 + self.settings.shutdown_grace
             held = await self.gateway.limits.acquire_connection(
-                session.client_ip, session.connection_id, self.settings.max_connections_per_ip,
+                self._client_ip, self._connection_id, self.settings.max_connections_per_ip,
                 lease,
             )  # fmt: skip
         except REDIS_ERRORS as error:
@@ -116,7 +137,7 @@ class Policy:
             return True
         if not held:
             _connections.add(1, {"outcome": "per_ip_limit"})
-            session.close_with(replies.TOO_MANY_CONNECTIONS)
+            self._close(replies.TOO_MANY_CONNECTIONS)
             return False
         _connections.add(1, {"outcome": "accepted"})
         self._leased = True
@@ -126,6 +147,8 @@ class Policy:
 
     def release(self) -> None:
         self._gone = True
+        if self.screen is not None:
+            self.screen.close()
         if self._leased:
             self._leased = False
             task = asyncio.get_running_loop().create_task(self._release())
@@ -134,157 +157,142 @@ class Policy:
 
     async def _release(self) -> None:
         with contextlib.suppress(*REDIS_ERRORS):  # the lease expires on its own
-            await self.gateway.limits.release_connection(
-                self.session.client_ip, self.session.connection_id
-            )
+            await self.gateway.limits.release_connection(self._client_ip, self._connection_id)
 
     # --- MAIL ---------------------------------------------------------------------------
 
-    def _sender_limit(self, user: User | None) -> int:
-        if user is not None:
-            domain = self.gateway.routing.snapshot.domain(user.domain)
-            if domain is not None and domain.limits.max_messages_per_minute:
-                return domain.limits.max_messages_per_minute
-        return self.settings.max_messages_per_minute
-
-    async def mail(self, path: Path | None, params: MailParams) -> str:
-        session = self.session
-        auth_user = session.auth_user
+    async def mail(
+        self, client: Client, path: Path | None, params: MailParams
+    ) -> tuple[str, Transaction | None]:
+        """The reply to MAIL FROM, and the transaction it started (None: refused)."""
         snapshot = self.gateway.routing.snapshot
-        user = snapshot.user(auth_user) if auth_user else None
-        if path is None:
-            # RFC 5321 §4.5.5: <> is for bounces between MTAs, never a user's submission
-            if session.listener.name != "mx" or auth_user is not None:
-                return replies.NULL_SENDER_NOT_ALLOWED
-        elif auth_user is not None and (
-            user is None or user.suspended or not snapshot.may_send_as(user, path.address)
-        ):
-            return replies.NOT_OWNER
+        refusal = rules.sender_refusal(client, path, snapshot, self.gateway.suspended)
+        if refusal is not None:
+            return refusal, None
         # The sender's rate is asked for with the first recipient's checks, in the same
         # round trip, and refused there (450 4.7.1 at RCPT), as Postfix's smtpd_delay_reject
         # refuses at RCPT what it decides about the client and sender: MAIL waits for no
         # Redis, and a transaction no recipient was accepted for counts as no message.
-        sender = SenderRate(auth_user or session.client_ip, self._sender_limit(user))
-        session.txn = Transaction("" if path is None else path.address, params, sender)
-        return replies.SENDER_OK
+        limit = rules.sender_limit(client, snapshot, self.settings.max_messages_per_minute)
+        sender = SenderRate(client.auth_user or client.ip, limit)
+        mail_from = "" if path is None else path.address
+        return replies.SENDER_OK, Transaction(client, mail_from, params, sender)
 
     # --- RCPT ---------------------------------------------------------------------------
 
-    def _postmaster(self) -> str | None:
-        if self.settings.postmaster:
-            return self.settings.postmaster
-        domains = self.gateway.routing.snapshot.table.domains
-        return f"postmaster@{domains[0].name}" if domains else None
-
-    async def rcpt(self, path: Path | None, params: RcptParams) -> str:
-        """`path` None: the bare <postmaster> (RFC 5321 §4.5.1)."""
-        txn = self.session.txn
-        assert txn is not None
+    async def rcpt(self, txn: Transaction, path: Path | None, params: RcptParams) -> str:
+        """The reply to RCPT TO; `path` None: the bare <postmaster> (RFC 5321 §4.5.1)."""
         snapshot = self.gateway.routing.snapshot
-        if len(txn.recipients) >= self.settings.max_recipients:
-            return replies.TOO_MANY_RECIPIENTS  # RFC 5321 §4.5.3.1.10
-        if path is None:
-            address = self._postmaster()
-            if address is None:
-                return replies.UNKNOWN_USER
-            return await self._add(txn, address, params, local=True, user=None)
-        verdict = relay_verdict(
-            path,
-            authenticated=self.session.auth_user is not None,
-            is_local_domain=snapshot.is_local_domain,
-        )
-        if verdict is RelayVerdict.DENIED:
-            log.info("relay denied", extra={"client_ip": self.session.client_ip,
-                                            "recipient": path.address})  # fmt: skip
-            return replies.RELAY_DENIED
-        if verdict is RelayVerdict.REMOTE:
-            return await self._add(txn, path.address, params, local=False, user=None)
-        address = f"{path.local}@{path.ascii_domain}"
-        mailbox = snapshot.resolve(address)
-        if mailbox is None:
-            if path.local.lower() == "postmaster":  # postmaster@ every local domain
-                target = self._postmaster()
-                if target is not None:
-                    return await self._add(txn, target, params, local=True, user=None)
-            return replies.UNKNOWN_USER
-        if mailbox.user.suspended:
-            return replies.SUSPENDED
-        return await self._add(txn, address, params, local=True, user=mailbox.user)
-
-    async def _add(
-        self, txn: Transaction, address: str, params: RcptParams, *, local: bool, user: User | None
-    ) -> str:
+        decision = rules.recipient_decision(
+            txn.client, path, snapshot,
+            taken=len(txn.recipients), max_recipients=self.settings.max_recipients,
+            postmaster=rules.postmaster_address(self.settings.postmaster, snapshot),
+            declared_size=txn.params.size,
+        )  # fmt: skip
+        if isinstance(decision, str):
+            if decision == replies.RELAY_DENIED and path is not None:
+                log.info("relay denied", extra={"client_ip": txn.client.ip,
+                                                "recipient": path.address})  # fmt: skip
+            return decision
         try:
-            key = normalize_address(address)
+            key = normalize_address(decision.address)
         except ValueError:
-            key = address
+            key = decision.address
         if key in txn.seen:  # the same mailbox twice: one copy is enough
             return replies.RECIPIENT_OK
-        quota = user.quota if user is not None else None
+        quota = decision.user.quota if decision.user is not None else None
         try:
             verdict = await self.gateway.limits.admit_recipient(
                 key, self.settings.max_recipient_messages_per_minute, quota, txn.sender
             )
         except REDIS_ERRORS:
             return replies.TEMP_FAILURE
-        if not verdict.sender_ok:
-            return replies.SENDER_RATE
-        if not verdict.under_quota:
-            return replies.OVER_QUOTA
-        if not verdict.rate_ok:
-            return replies.RECIPIENT_RATE
+        refusal = rules.admission_refusal(verdict)
+        if refusal is not None:
+            return refusal
         txn.sender = None
         txn.seen.add(key)
-        txn.recipients.append(Recipient(address=address, notify=params.notify, orcpt=params.orcpt))
+        txn.recipients.append(
+            Recipient(address=decision.address, notify=params.notify, orcpt=params.orcpt)
+        )
         return replies.RECIPIENT_OK
 
     # --- DATA ---------------------------------------------------------------------------
 
-    async def data(self, txn: Transaction, result: DataResult) -> str:
-        session = self.session
-        listener = session.listener.name
+    async def data(
+        self, txn: Transaction, result: DataResult, span: trace.Span | None = None
+    ) -> str:
+        """The reply to the end of DATA: refused, or queued durably (`span`: the session's,
+        the message's span's parent)."""
+        client = txn.client
+        listener = client.listener
         if result.status is DataStatus.TOO_BIG:
             _messages.add(1, {"listener": listener, "outcome": "too_big"})
             return replies.SIZE_EXCEEDED
         if result.status is DataStatus.BARE_LINE_ENDING:
             _messages.add(1, {"listener": listener, "outcome": "bare_line_ending"})
             return replies.BARE_LINE_ENDING
+        if result.status is DataStatus.NO_MEMORY:
+            _messages.add(1, {"listener": listener, "outcome": "no_memory"})
+            log.warning(
+                "message refused: data_memory_limit reached",
+                extra={"client_ip": client.ip, "transaction": txn.id},
+            )
+            return replies.DATA_NO_MEMORY
         content = result.content
+        limit = rules.domain_size_limit(
+            self.gateway.routing.snapshot, [r.address for r in txn.recipients]
+        )
+        if len(content) > limit:
+            _messages.add(1, {"listener": listener, "outcome": "too_big"})
+            return replies.SIZE_EXCEEDED_FOR_DOMAIN
         try:
             section = parse_header_section(content, max_size=self.settings.max_header_size)
         except HeaderError:
             _messages.add(1, {"listener": listener, "outcome": "header_too_big"})
             return replies.HEADER_TOO_BIG
-        if section.count("received") > self.settings.max_received_headers:
-            _messages.add(1, {"listener": listener, "outcome": "loop"})
-            return replies.LOOP_DETECTED  # RFC 5321 §6.3
-        problem = check_fields(section)
-        if problem is not None:
-            _messages.add(1, {"listener": listener, "outcome": "bad_headers"})
-            return replies.BAD_HEADERS.format(reason=problem)
-        if session.auth_user is not None:
+        if txn.params.body == "BINARYMIME" and has_bare_line_ending(content[: section.size]):
+            # binary is for the body (RFC 3030 §3); the header section stays CRLF lines,
+            # so no reader splits its fields differently
+            _messages.add(1, {"listener": listener, "outcome": "bare_line_ending"})
+            return replies.BARE_LINE_ENDING
+        refusal = rules.header_refusal(section, self.settings.max_received_headers)
+        if refusal is not None:
+            outcome, reply = refusal
+            _messages.add(1, {"listener": listener, "outcome": outcome})
+            return reply
+        if section.count(_TRACE_NAME) and client.auth_user is None:  # only we may say that
+            content = remove_trace_fields(content, section.size)
+        if client.auth_user is not None:
             content = add_after_headers(
                 content, section, submission_additions(section, self.settings.hostname)
             )
-        context = trace.set_span_in_context(session.span) if session.span else None
+        if not spans_exported():  # nobody would see the span: only its ids (providers.py)
+            with trace.use_span(span_ids_only(span), end_on_exit=True) as ids:
+                return await self._accept(txn, content, ids)
+        context = trace.set_span_in_context(span) if span else None
         with _tracer.start_as_current_span(
             "smtp.message", context=context, attributes={"smtp.transaction": txn.id}
-        ) as span:
-            reply = await self._accept(txn, content, span)
-        return reply
+        ) as message_span:
+            return await self._accept(txn, content, message_span)
 
     async def _accept(self, txn: Transaction, content: bytes, span: trace.Span) -> str:
-        session = self.session
-        listener = session.listener.name
+        conn = txn.client
+        listener = conn.listener
+        screen = self.screen
+        # the checks started at connect: done by now, or within dns_timeout of the connection
+        client = await screen.facts() if screen is not None else _NO_FACTS
         outcome = await self.gateway.pipeline.run(
             Message(
                 mail_from=txn.mail_from,
                 recipients=[r.address for r in txn.recipients],
-                client_ip=session.client_ip,
-                helo=session.helo,
-                auth_user=session.auth_user,
+                client_ip=conn.ip,
+                helo=conn.helo,
+                auth_user=conn.auth_user,
                 listener=listener,
                 content=content,
+                queue_id=txn.id,
+                client=client,
             )
         )
         if outcome.action is Action.REJECT:
@@ -293,22 +301,26 @@ class Policy:
         if outcome.action is Action.DEFER:
             _messages.add(1, {"listener": listener, "outcome": f"deferred:{outcome.stage}"})
             return outcome.reply or "451 4.7.1 Message deferred by policy, try again later"
-        tls = session.tls
+        tls = conn.tls
         received = received_header(
-            helo=session.helo,
-            client_ip=session.client_ip,
+            helo=conn.helo,
+            client_ip=conn.ip,
             hostname=self.settings.hostname,
             protocol=protocol_type(
-                esmtp=session.esmtp,
+                esmtp=conn.esmtp,
                 tls=tls is not None,
-                auth=session.auth_user is not None,
+                auth=conn.auth_user is not None,
                 utf8=txn.params.smtputf8,
             ),
             queue_id=txn.id,
             tls=tls,
-            auth_user=session.auth_user,
+            auth_user=conn.auth_user,
             recipient=txn.recipients[0].address if len(txn.recipients) == 1 else None,
+            client_name=screen.received_name() if screen is not None else None,
         )
+        trace_field = screen.trace_field() if screen is not None else None
+        if trace_field is not None:  # beside Authentication-Results
+            received += f"{trace_field}\r\n".encode()
         tags = b"".join(f"{header}\r\n".encode() for header in outcome.headers)
         body = received + tags + outcome.content
         envelope = Envelope(
@@ -318,9 +330,10 @@ class Policy:
             envid=txn.params.envid,
             body_type=txn.params.body,
             smtputf8=txn.params.smtputf8,
-            client_address=session.client_ip,
-            client_helo=session.helo,
-            auth_user=session.auth_user,
+            requiretls=txn.params.requiretls,
+            client_address=conn.ip,
+            client_helo=conn.helo,
+            auth_user=conn.auth_user,
             listener=listener,
             trace_context=inject_trace_context(),
             annotations=outcome.annotations,
@@ -333,7 +346,7 @@ class Policy:
             span.record_exception(error)
             log.warning(
                 "enqueue failed",
-                extra={"transaction": txn.id, "client_ip": session.client_ip,
+                extra={"transaction": txn.id, "client_ip": conn.ip,
                        "error": repr(error)},
             )  # fmt: skip
             _messages.add(1, {"listener": listener, "outcome": "temp_failure"})
@@ -341,7 +354,8 @@ class Policy:
         _messages.add(1, {"listener": listener, "outcome": "queued"})
         log.info(
             "message queued",
-            extra={"transaction": txn.id, "queue_ids": ids, "client_ip": session.client_ip,
+            extra={"transaction": txn.id, "queue_ids": ids, "client_ip": conn.ip,
+                   "client_name": client.reverse_name, "dnsbl_score": client.dnsbl_score,
                    "from": txn.mail_from, "recipients": len(txn.recipients),
                    "size": len(body), "listener": listener},
         )  # fmt: skip

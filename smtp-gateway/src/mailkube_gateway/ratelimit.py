@@ -1,5 +1,4 @@
-"""Limits shared by every gateway process, kept in Redis by atomic Lua scripts, and the one
-Redis connection the hot path of every session shares.
+"""Limits shared by every gateway process, kept in Redis by atomic Lua scripts.
 
 Every script touches one key, and every key carries its own hash tag, so each runs on one
 Redis Cluster slot and different clients spread over the cluster:
@@ -7,7 +6,17 @@ Redis Cluster slot and different clients spread over the cluster:
   {P:rl:<kind>:<id>}        GCRA state (the theoretical arrival time, ms) of a message rate
   {P:conn:<ip>}             sorted set of connection leases (member = connection id,
                             score = lease expiry in ms); leases of dead pods simply expire
-  {P:authfail:<kind>:<id>}  failed AUTH attempts in the current window
+  {P:authfail:<network>}    failed AUTH attempts from a client network in the current window
+
+and, for the AUTH attempts naming one user, keys under that user's own hash tag (the address
+hashed: a password typed into the user name field stays out of Redis), read and written
+together by one script each:
+
+  {P:authuser:<h>}:failures            failed attempts for the user in the current window
+  {P:authuser:<h>}:failures:<network>  of which from that client network
+  {P:authuser:<h>}:known               sorted set of the networks that logged in as the
+                                       user (member = network, score = when it is forgotten,
+                                       ms)
 
 Time comes from Redis (TIME), so the gateways' clocks need not agree.
 
@@ -17,18 +26,14 @@ scripts replicate their writes to the replicas but keep them out of the append-o
 only the queue's writes do. A failover keeps them (the replica has them); a restart from the
 AOF alone starts every window afresh, as Postfix's anvil does when it restarts.
 
-`multiplexed()` gives a standalone client whose hot-path commands (EVALSHA, GET, HGET, ZREM)
-from every session of the process go down one connection: the commands of one event-loop turn
-in one write at its end, the replies matched in order (what other clients call
-auto-pipelining). Redis runs them one by one as always; the process saves a pool checkout, a
-syscall pair and the client's bookkeeping per command, and Redis reads many commands per
-wake-up.
+The hot path's commands go down the process's one shared connection when the client is
+`mailkube_core.redis_multiplexed.multiplexed()`'s (as the gateway's is): a recipient's checks
+then leave in one write, and a lease release waits for company (`urgent=False`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import hashlib
 import math
 from collections.abc import Awaitable
@@ -36,14 +41,13 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import hiredis
-from redis._parsers.base import BaseParser
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, NoScriptError
+from redis.exceptions import NoScriptError
 
 from mailkube_core.mailbox import BYTES_FIELD, mailbox_key
 from mailkube_core.redis_client import RedisClient
+from mailkube_core.redis_multiplexed import NOT_URGENT, MultiplexedRedis
+
+from .auth_throttle import AuthHistory
 
 # Writes of the scripts below go to replicas but not to the AOF (see the module docstring).
 _SOFT_STATE = "redis.set_repl(redis.REPL_REPLICA)\n"
@@ -99,13 +103,49 @@ return 1
 # KEYS[1] the lease set. ARGV[1] connection id.
 _RELEASE = _SOFT_STATE + "return redis.call('ZREM', KEYS[1], ARGV[1])\n"
 
-# KEYS[1] the failure counter. ARGV[1] window ms. Returns the failures in the window.
-# (In the AOF like any other write: rare, and a lockout should survive a restart.)
+# AUTH state is in the AOF like any other write: rare, and a throttled network or a
+# remembered one should survive a restart.
+
+# KEYS failure counters. ARGV[1] window ms. Counts one failure in each; returns the failures
+# in each one's window.
 _FAIL = """
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1])) end
-return n
+local counts = {}
+for i, key in ipairs(KEYS) do
+  local n = redis.call('INCR', key)
+  if n == 1 then redis.call('PEXPIRE', key, tonumber(ARGV[1])) end
+  counts[i] = n
+end
+return counts
 """
+
+# KEYS[1] the user's failures, KEYS[2] the user's failures from the network, KEYS[3] the
+# user's known networks. ARGV[1] the network.
+# Returns {user failures, of which from the network, 1 if the network is known else 0}.
+_AUTH_HISTORY = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local known = tonumber(redis.call('ZSCORE', KEYS[3], ARGV[1]) or '0') > now
+return {tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(redis.call('GET', KEYS[2]) or '0'),
+        known and 1 or 0}
+"""
+
+# KEYS[1] the user's known networks, KEYS[2] the user's failures from the network.
+# ARGV[1] the network, ARGV[2] how long it is remembered (ms), ARGV[3] most networks kept.
+# Remembers the network (the ones forgotten soonest make room), forgets its failures.
+_AUTH_SUCCESS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[3])
+if extra > 0 then redis.call('ZREMRANGEBYRANK', KEYS[1], 0, extra - 1) end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+#: client networks remembered per user (a roaming phone gets a new IPv6 /64 now and then)
+KNOWN_NETWORKS_PER_USER = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +201,8 @@ class Limits:
         self._acquire = Script(redis, _ACQUIRE)
         self._release = Script(redis, _RELEASE)
         self._fail = Script(redis, _FAIL)
+        self._auth_history = Script(redis, _AUTH_HISTORY)
+        self._auth_success = Script(redis, _AUTH_SUCCESS)
 
     # --- message rates ------------------------------------------------------------------
 
@@ -229,182 +271,55 @@ class Limits:
         """Nobody waits for this: it goes out with the next command that is waited for."""
         await self._release(keys=[self._conn_key(ip)], args=[connection_id], urgent=False)
 
-    # --- authentication failures --------------------------------------------------------
+    # --- authentication (auth_throttle.py decides) ----------------------------------------
 
-    def _fail_key(self, kind: str, identity: str) -> str:
-        return f"{{{self.prefix}:authfail:{kind}:{identity}}}"
+    def _network_key(self, network: str) -> str:
+        return f"{{{self.prefix}:authfail:{network}}}"
 
-    async def auth_failures(self, kind: str, identity: str) -> int:
-        value = await self.redis.get(self._fail_key(kind, identity))
-        return int(value or 0)
+    def _user_keys(self, user: str, network: str) -> tuple[str, str, str]:
+        """The user's failures, of which from `network`, and known networks: one hash tag."""
+        digest = hashlib.sha256(user.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        tag = f"{{{self.prefix}:authuser:{digest}}}"
+        return f"{tag}:failures", f"{tag}:failures:{network}", f"{tag}:known"
 
-    async def record_auth_failure(self, kind: str, identity: str, window: timedelta) -> int:
-        return int(await self._fail(keys=[self._fail_key(kind, identity)], args=[_ms(window)]))
+    async def auth_history(self, user: str, network: str) -> AuthHistory:
+        """What is remembered about `network` and `user`: one round trip (the network's key
+        and the user's live in different slots; both commands go out in one write)."""
+        failures, of_user = await asyncio.gather(
+            self.redis.get(self._network_key(network)),
+            self._auth_history(keys=list(self._user_keys(user, network)), args=[network]),
+        )
+        return AuthHistory(
+            network_failures=int(failures or 0),
+            user_failures=int(of_user[0]),
+            own_failures=int(of_user[1]),
+            known=bool(of_user[2]),
+        )
+
+    async def record_auth_failure(
+        self, user: str, network: str, window: timedelta, history: AuthHistory
+    ) -> AuthHistory:
+        """Count a failure from `network` for `user`; the history with it counted."""
+        user_failures, own_failures, _ = self._user_keys(user, network)
+        by_network, by_user = await asyncio.gather(
+            self._fail(keys=[self._network_key(network)], args=[_ms(window)]),
+            self._fail(keys=[user_failures, own_failures], args=[_ms(window)]),
+        )
+        return AuthHistory(
+            network_failures=int(by_network[0]),
+            user_failures=int(by_user[0]),
+            own_failures=int(by_user[1]),
+            known=history.known,
+        )
+
+    async def record_auth_success(self, user: str, network: str, remember: timedelta) -> None:
+        """Remember that `network` logged in as `user`, for `remember` from now."""
+        _, own_failures, known = self._user_keys(user, network)
+        await self._auth_success(
+            keys=[known, own_failures], args=[network, _ms(remember), KNOWN_NETWORKS_PER_USER]
+        )
 
     async def mailbox_bytes(self, address: str) -> int:
         """Bytes in a mailbox, as the delivery worker counts them (mailkube_core.mailbox)."""
         value = await self.redis.hget(mailbox_key(self.prefix, address), BYTES_FIELD)
         return int(value or 0)
-
-
-# --- one shared connection for the hot path ---------------------------------------------
-
-#: The longest a request nobody waits for is held back for company (see _Connection.send).
-LATER = 0.05
-#: execute_command option of MultiplexedRedis: the answer is not waited for by a client
-NOT_URGENT = "mailkube_not_urgent"
-
-#: Commands that may share the connection: they neither block nor change its state, and
-#: redis-py applies no response callback to them.
-MULTIPLEXED = frozenset({"EVALSHA", "GET", "HGET", "ZREM"})
-
-
-class _Connection(asyncio.Protocol):
-    """One Redis connection: requests written in order, replies given to their futures in
-    order (Redis answers in order on a connection)."""
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        #: kept: a StreamWriter closes its transport when it is garbage-collected
-        self.writer = writer
-        self.transport: asyncio.Transport = writer.transport  # type: ignore[assignment]
-        self.reader = hiredis.Reader(
-            protocolError=InvalidResponse, replyError=BaseParser.parse_error
-        )
-        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        #: requests not written yet
-        self.outgoing: list[bytes] = []
-        #: the write to come: at the end of this turn or, when only requests nobody waits
-        #: for are there, a little later (`flush_later`)
-        self.flush: asyncio.Handle | asyncio.TimerHandle | None = None
-        self.flush_later = False
-        self.closed = False
-
-    def send(
-        self, request: bytes, loop: asyncio.AbstractEventLoop, *, urgent: bool = True
-    ) -> asyncio.Future[Any]:
-        """The requests of one event-loop turn go out together, in one write at its end:
-        from many sessions when the process is busy, and the commands one session sends
-        at once (a recipient's checks) even when it is quiet. Redis then reads them in one
-        wake-up and answers them in one write. The wait is one turn of the loop.
-
-        A request that is not `urgent` (nobody waits for its answer: a lease release) waits
-        up to LATER seconds for an urgent one to go out with, instead of costing a write and
-        a Redis wake-up of its own; with one session at a time, that is one round trip less
-        per connection."""
-        future = loop.create_future()
-        if self.closed or self.transport.is_closing():
-            future.set_exception(RedisConnectionError("Redis connection closing"))
-            return future
-        self.waiting.append(future)
-        self.outgoing.append(request)
-        flush = self.flush
-        if urgent:
-            if flush is None or self.flush_later:
-                if flush is not None:
-                    flush.cancel()
-                self.flush = loop.call_soon(self._flush)
-                self.flush_later = False
-        elif flush is None:
-            # (a flag, not isinstance: other event loops have their own handle classes)
-            self.flush = loop.call_later(LATER, self._flush)
-            self.flush_later = True
-        return future
-
-    def _flush(self) -> None:
-        self.flush = None
-        self.flush_later = False
-        if self.outgoing:
-            # closing: connection_lost fails their futures
-            if not self.closed and not self.transport.is_closing():
-                self.transport.write(b"".join(self.outgoing))
-            self.outgoing.clear()
-
-    def data_received(self, data: bytes) -> None:
-        reader = self.reader
-        reader.feed(data)
-        waiting = self.waiting
-        while (reply := reader.gets()) is not False:
-            if not waiting:  # a reply nobody asked for: the stream cannot be trusted
-                self.transport.abort()
-                return
-            future = waiting.popleft()
-            if future.done():  # the caller gave up (a timeout)
-                continue
-            if isinstance(reply, Exception):
-                future.set_exception(reply)
-            else:
-                future.set_result(reply)
-
-    def eof_received(self) -> bool:
-        return False  # close
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self.closed = True
-        if self.flush is not None:
-            self.flush.cancel()
-            self.flush = None
-            self.flush_later = False
-        self.outgoing.clear()
-        reason = f"Redis connection lost: {error!r}" if error else "Redis closed the connection"
-        while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(RedisConnectionError(reason))
-
-
-class MultiplexedRedis(Redis):
-    """A standalone client (sharing its pool for everything else: pub/sub, pipelines,
-    transactions, WAIT) that sends MULTIPLEXED commands down one shared connection."""
-
-    _connection: _Connection | None = None
-    _opening: asyncio.Lock | None = None
-
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        urgent = not options.pop(NOT_URGENT, False)
-        if args[0] not in MULTIPLEXED:
-            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        connection = self._connection
-        if connection is None or connection.closed or connection.transport.is_closing():
-            connection = await self._open()
-        request = hiredis.pack_command(args)
-        return await connection.send(request, asyncio.get_running_loop(), urgent=urgent)
-
-    async def _open(self) -> _Connection:
-        if self._opening is None:
-            self._opening = asyncio.Lock()
-        async with self._opening:
-            connection = self._connection
-            if not (connection is None or connection.closed or connection.transport.is_closing()):
-                return connection
-            # redis-py connects (TCP, TLS or a Unix socket; AUTH, SELECT, HELLO) and hands
-            # the transport over
-            client = self.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-            async with asyncio.timeout(client.socket_connect_timeout or 10):
-                await client.connect()
-            writer, reader = client._writer, client._reader
-            assert writer is not None
-            assert reader is not None
-            buffered = bytes(reader._buffer)
-            client._writer = client._reader = None  # ours now: redis-py must not close it
-            connection = _Connection(writer)
-            connection.transport.set_protocol(connection)
-            if buffered:  # nothing is expected after the handshake; be safe anyway
-                connection.data_received(buffered)
-            self._connection = connection
-            return connection
-
-    async def aclose(self, close_connection_pool: bool | None = None) -> None:
-        connection, self._connection = self._connection, None
-        if connection is not None and not connection.closed:
-            connection.transport.close()
-        await super().aclose(close_connection_pool)
-
-
-def multiplexed(redis: RedisClient) -> RedisClient:
-    """The same Redis, with the hot path on one shared connection (standalone Redis; a
-    Cluster client is returned as it is). Takes over `redis`'s connection pool."""
-    if not isinstance(redis, Redis) or isinstance(redis, MultiplexedRedis):
-        return redis
-    if redis.connection_pool.connection_kwargs.get("decode_responses"):
-        return redis  # the shared connection hands over replies as bytes, undecoded
-    return MultiplexedRedis.from_pool(redis.connection_pool)

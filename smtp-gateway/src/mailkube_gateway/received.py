@@ -54,12 +54,16 @@ def received_header(
     tls: TlsInfo | None = None,
     auth_user: str | None = None,
     recipient: str | None = None,
+    client_name: str | None = None,
     now: float | None = None,
 ) -> bytes:
     """One Received field, folded, ending in CRLF. `recipient` only for a single recipient
-    (RFC 5321 §4.4: the for clause with many would disclose Bcc recipients)."""
+    (RFC 5321 §4.4: the for clause with many would disclose Bcc recipients). `client_name`:
+    the client's verified reverse name, or "unknown" when it has none, as Postfix writes the
+    TCP-info (`from helo (name [ip])`); None when it was not looked up (`from helo ([ip])`)."""
     ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
-    lines = [f"Received: from {_safe(helo) or 'unknown'} ([{ip}])"]
+    name = f"{_safe(client_name)} " if client_name else ""
+    lines = [f"Received: from {_safe(helo) or 'unknown'} ({name}[{ip}])"]
     if tls is not None:
         lines.append(
             f"(using {_safe(tls.version)} with cipher {_safe(tls.cipher)} "

@@ -158,6 +158,37 @@ def _address_literal(text: str) -> bool:
     return True
 
 
+def split_path_command(arg: str | None, keyword: str, *, esmtp: bool) -> tuple[str, str] | None:
+    """MAIL's and RCPT's argument: 'FROM:<a@b> SIZE=1' with keyword 'FROM:' ->
+    ('<a@b>', 'SIZE=1'); None when it is not that command's syntax (parameters need EHLO,
+    RFC 5321 §4.1.1.11)."""
+    if not arg or arg[: len(keyword)].upper() != keyword:
+        return None
+    path_text, params_text = split_path(arg[len(keyword) :].lstrip())
+    if params_text and not esmtp:
+        return None
+    return path_text, params_text
+
+
+def split_path(arg: str) -> tuple[str, str]:
+    """'<path> params' -> ('<path>', 'params'); a '>' inside a quoted local part does not end
+    the path."""
+    if not arg.startswith("<"):
+        path, _, rest = arg.partition(" ")
+        return path, rest
+    quoted = escaped = False
+    for index, char in enumerate(arg):
+        if escaped:
+            escaped = False
+        elif char == "\\" and quoted:
+            escaped = True
+        elif char == '"':
+            quoted = not quoted
+        elif char == ">" and not quoted:
+            return arg[: index + 1], arg[index + 1 :].strip()
+    return arg, ""
+
+
 def is_postmaster(text: str) -> bool:
     """'<postmaster>' without a domain, any case: RFC 5321 §4.5.1 says it MUST be accepted."""
     return text.lower() == "<postmaster>"

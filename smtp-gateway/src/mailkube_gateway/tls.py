@@ -55,7 +55,9 @@ def server_context() -> ssl.SSLContext:
 class CertificateStore:
     """Owns the server context and keeps its certificate current."""
 
-    def __init__(self, cert_file: Path, key_file: Path) -> None:
+    def __init__(
+        self, cert_file: Path, key_file: Path, *, settings: str = "tls_cert_file/tls_key_file"
+    ) -> None:
         self.cert_file = cert_file
         self.key_file = key_file
         self.context = server_context()
@@ -64,7 +66,7 @@ class CertificateStore:
             self.context.load_cert_chain(cert_file, key_file)
         except (OSError, ssl.SSLError) as exc:  # at start: a settings problem, named as one
             raise SettingsError(
-                f"invalid setting tls_cert_file/tls_key_file ({cert_file}, {key_file}): {exc}"
+                f"invalid setting {settings} ({cert_file}, {key_file}): {exc}"
             ) from None
         self.reloads = 0
         self._task: asyncio.Task[None] | None = None

@@ -36,8 +36,12 @@ from mailkube_gateway.listeners import listener_specs
 from mailkube_operator.registry import build_registry
 
 FULL = f"{RELEASE}-mailkube"
-#: what an env var read from a Secret stands for when the settings are loaded here
-SECRET_PLACEHOLDERS = {"MAILKUBE_REDIS_URL": "redis://redis.from-secret.example:6379/0"}
+#: what an env var read from a Secret (or the Downward API) stands for when the settings are
+#: loaded here
+SECRET_PLACEHOLDERS = {
+    "MAILKUBE_REDIS_URL": "redis://redis.from-secret.example:6379/0",
+    "MAILKUBE_CONTAINER_MEMORY_LIMIT": "536870912",
+}
 
 
 def scenario(name: str) -> Rendered:
@@ -236,6 +240,8 @@ def test_container_ports_are_the_ports_the_processes_open(
             assert {spec.host for spec in specs} == {None}  # every address of the pod
             opened.update({spec.name: spec.port for spec in specs})
             assert len(specs) == 3
+            if settings.mta_sts_listen:
+                opened["mta-sts"] = split_host_port(settings.mta_sts_listen)[1]
         assert declared == opened, owner["metadata"]["name"]
 
 
@@ -361,8 +367,11 @@ CLIENT_CALLS = {
     "create_namespaced_secret": ("secrets", "create"),
     "patch_namespaced_secret": ("secrets", "patch"),
     "patch_namespaced_custom_object_status": ("{plural}/status", "patch"),
+    "patch_namespaced_custom_object": ("{plural}", "patch"),
     "list_namespaced_custom_object": ("{plural}", "list"),
     "list_cluster_custom_object": ("{plural}", "list"),
+    "list_namespaced_secret": ("secrets", "list"),
+    "list_secret_for_all_namespaces": ("secrets", "list"),
     "create_namespaced_event": ("events", "create"),
 }
 
@@ -410,6 +419,11 @@ def _operator_needs() -> set[tuple[str, str, str]]:
                 needs.add(("mailkube.io", resource.format(plural=plural), verb))
         else:
             needs.add(("", resource, verb))
+    if "create_namespaced_secret" in called:
+        # the DKIM Secret's ownerReference to its MailDomain sets blockOwnerDeletion: where
+        # OwnerReferencesPermissionEnforcement is on (OpenShift's default), that takes update on
+        # the owner's finalizers subresource (tests/integration/test_operator_apiserver.py)
+        needs.add(("mailkube.io", "maildomains/finalizers", "update"))
     return needs
 
 

@@ -5,6 +5,7 @@ version, and what each shape must produce."""
 from __future__ import annotations
 
 import base64
+import subprocess
 from typing import Any
 
 import helm_python as helm
@@ -28,8 +29,8 @@ from chart_render import (
 FULL = f"{RELEASE}-mailkube"
 
 # The custom resources the chart may create have no schema in kubernetes-validate: these are
-# the parts of cert-manager's and the Prometheus Operator's CRD schemas the chart uses, closed
-# (additionalProperties: false) so that a misspelt field fails.
+# the parts of cert-manager's, the Prometheus Operator's and KEDA's CRD schemas the chart
+# uses, closed (additionalProperties: false) so that a misspelt field fails.
 _STR = {"type": "string"}
 _LABELS = {"type": "object", "additionalProperties": _STR}
 _META = {
@@ -116,6 +117,114 @@ CUSTOM_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                             },
                         },
                     },
+                },
+            },
+        },
+        "additionalProperties": False,
+    },
+    # KEDA's, the parts the chart uses (keda.sh/v1alpha1): trigger metadata is a map of strings
+    ("keda.sh/v1alpha1", "ScaledObject"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": _STR,
+            "kind": _STR,
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "required": ["scaleTargetRef", "triggers"],
+                "additionalProperties": False,
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": {"apiVersion": _STR, "kind": _STR, "name": _STR},
+                    },
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": {"type": "integer", "minimum": 0},
+                    "minReplicaCount": {"type": "integer", "minimum": 0},
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "advanced": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "behavior": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "properties": {
+                                            "scaleDown": {
+                                                "type": "object",
+                                                "additionalProperties": False,
+                                                "properties": {
+                                                    "stabilizationWindowSeconds": {
+                                                        "type": "integer",
+                                                        "minimum": 0,
+                                                        "maximum": 3600,
+                                                    }
+                                                },
+                                            }
+                                        },
+                                    }
+                                },
+                            }
+                        },
+                    },
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "metadata"],
+                            "additionalProperties": False,
+                            "properties": {
+                                "type": {
+                                    "enum": [
+                                        "redis-streams",
+                                        "redis-cluster-streams",
+                                        "redis-sentinel-streams",
+                                    ]
+                                },
+                                "name": _STR,
+                                "metadata": _LABELS,
+                                "authenticationRef": {
+                                    "type": "object",
+                                    "required": ["name"],
+                                    "additionalProperties": False,
+                                    "properties": {"name": _STR, "kind": _STR},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+        "additionalProperties": False,
+    },
+    ("keda.sh/v1alpha1", "TriggerAuthentication"): {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": _STR,
+            "kind": _STR,
+            "metadata": _META,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "secretTargetRef": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["parameter", "name", "key"],
+                            "additionalProperties": False,
+                            "properties": {"parameter": _STR, "name": _STR, "key": _STR},
+                        },
+                    }
                 },
             },
         },
@@ -259,6 +368,7 @@ def test_defaults_render_a_production_shape() -> None:
     result = scenario("defaults")
     assert result.names("Deployment") == {
         f"{FULL}-operator", f"{FULL}-gateway", f"{FULL}-worker-local", f"{FULL}-worker-remote",
+        f"{FULL}-rspamd",
     }  # fmt: skip
     assert result.names("StatefulSet") == {f"{FULL}-redis"}
     assert result.names("CustomResourceDefinition") == {
@@ -369,7 +479,7 @@ def test_network_policies_keep_redis_to_mailkube_pods() -> None:
             clients.add(labels["app.kubernetes.io/component"])
         else:
             clients.add(f"not {labels['app.kubernetes.io/component']}")
-    assert clients == {"gateway", "worker", "operator", "not test"}
+    assert clients == {"gateway", "worker", "operator", "rspamd", "not test"}
     assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
 
     gateway = result.get("NetworkPolicy", f"{FULL}-gateway")
@@ -441,6 +551,99 @@ def test_external_redis() -> None:
                 assert env["MAILKUBE_REDIS_CLUSTER"] == "true"
 
 
+def test_redis_sentinel_mode_runs_three_pods_with_sentinels_that_mailkube_follows() -> None:
+    result = scenario("redis-sentinel")
+    config = result.get("ConfigMap", f"{FULL}-redis")["data"]
+    assert "\nappendfsync always\n" in config["redis.conf"]  # a 250 is on the primary's disk
+    for script in ("start-redis.sh", "start-sentinel.sh"):
+        checked = subprocess.run(["sh", "-n"], input=config[script], text=True, check=False)
+        assert checked.returncode == 0, script
+    statefulset = result.get("StatefulSet", f"{FULL}-redis")
+    spec = statefulset["spec"]
+    assert (spec["replicas"], spec["podManagementPolicy"]) == (3, "Parallel")
+    pod = spec["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["redis", "sentinel"]
+    assert pod["containers"][0]["command"] == ["sh", "/etc/redis/start-redis.sh"]
+    assert {"containerPort": 26379, "name": "sentinel", "protocol": "TCP"} in pod["containers"][1][
+        "ports"
+    ]
+    # one Redis pod per node (antiAffinity: hard in this scenario)
+    (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    soft = render(base_values(redis={"mode": "sentinel"})).get("StatefulSet", f"{FULL}-redis")
+    assert (
+        "preferredDuringSchedulingIgnoredDuringExecution"
+        in (soft["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"])
+    )
+    budget = result.get("PodDisruptionBudget", f"{FULL}-redis")
+    assert budget["spec"]["maxUnavailable"] == 1
+    assert budget["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    headless = result.get("Service", f"{FULL}-redis-headless")
+    assert headless["spec"]["publishNotReadyAddresses"] is True
+    hosts = [f"{FULL}-redis-{i}.{FULL}-redis-headless.{NAMESPACE}.svc" for i in range(3)]
+    sentinels = ",".join(f"{host}:26379" for host in hosts)
+    components = set()
+    for owner, pod_spec in result.pod_specs():
+        for container in pod_spec["containers"]:
+            env = env_of(container)
+            if "MAILKUBE_REDIS_URL" not in env:
+                continue
+            components.add(owner["metadata"]["labels"]["app.kubernetes.io/component"])
+            assert env["MAILKUBE_REDIS_SENTINELS"] == sentinels
+            assert env["MAILKUBE_REDIS_SENTINEL_MASTER"] == "mailkube"
+            assert env["MAILKUBE_REDIS_CLUSTER"] == "false"
+            assert "MAILKUBE_REDIS_SENTINEL_PASSWORD_FILE" not in env
+    assert components == {"gateway", "worker", "operator"}
+    # the sentinels are reachable by Mailkube's pods, and the Redis pods by each other
+    policy = result.get("NetworkPolicy", f"{FULL}-redis")
+    clients, peers = policy["spec"]["ingress"]
+    assert {p["port"] for p in clients["ports"]} == {"redis", "sentinel"}
+    assert peers["from"][0]["podSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    # rspamd asks the sentinels too
+    rspamd = result.get("ConfigMap", f"{FULL}-rspamd")["data"]["redis.conf"]
+    assert f'sentinels = "{sentinels}";' in rspamd
+    assert f'servers = "{hosts[0]}:6379";' in rspamd
+    # standalone keeps one pod and no sentinel
+    standalone = scenario("defaults")
+    assert f"{FULL}-redis" not in standalone.names("PodDisruptionBudget")
+    assert len(standalone.get("StatefulSet", f"{FULL}-redis")["spec"]["template"]["spec"][
+        "containers"]) == 1  # fmt: skip
+
+
+def test_external_sentinels() -> None:
+    result = scenario("external-sentinels")
+    assert not result.of_kind("StatefulSet")
+    seen = 0
+    for _, pod in result.pod_specs():
+        for container in pod["containers"]:
+            env = env_of(container)
+            if "MAILKUBE_REDIS_URL" not in env:
+                continue
+            seen += 1
+            assert env["MAILKUBE_REDIS_URL"] == "rediss://unused.example.net/2"
+            assert env["MAILKUBE_REDIS_SENTINELS"] == (
+                "sentinel-0.redis.example.net:26379,sentinel-1.redis.example.net:26379"
+            )
+            assert env["MAILKUBE_REDIS_SENTINEL_MASTER"] == "mail"
+            assert env["MAILKUBE_REDIS_SENTINEL_PASSWORD_FILE"].endswith("/sentinel-password")
+            volume = next(v for v in pod["volumes"] if v["name"] == "redis-password")
+            assert volume["secret"]["items"] == [
+                {"key": "password", "path": "password"},
+                {"key": "sentinel-password", "path": "sentinel-password"},
+            ]
+    assert seen >= 3
+    with pytest.raises(helm.HelmError, match=r"externalRedis\.sentinelMaster"):
+        render(base_values(redis={"enabled": False},
+                           externalRedis={"sentinels": ["s:26379"]},
+                           rspamd={"enabled": False}))  # fmt: skip
+    with pytest.raises(helm.HelmError, match="exclude each other"):
+        render(base_values(redis={"enabled": False},
+                           externalRedis={"sentinels": ["s:26379"], "sentinelMaster": "m",
+                                          "cluster": True},
+                           rspamd={"enabled": False}))  # fmt: skip
+
+
 def test_external_redis_needs_an_address() -> None:
     with pytest.raises(helm.HelmError, match="externalRedis"):
         render(base_values(redis={"enabled": False}))
@@ -454,11 +657,78 @@ def test_cert_manager_certificate_feeds_the_gateway() -> None:
     }  # fmt: skip
     assert certificate["spec"]["dnsNames"] == [HOSTNAME, "smtp.example.org"]
     assert f"{FULL}-gateway-tls" not in result.names("Secret")
+    assert certificate["spec"]["privateKey"]["rotationPolicy"] == "Always"
+    kept = render(base_values(gateway={"tls": {"source": "certManager", "certManager": {
+        "issuerRef": {"name": "dns01"}, "privateKey": {"rotationPolicy": "Never"}}}}))  # fmt: skip
+    kept_key = kept.get("Certificate", f"{FULL}-gateway-tls")["spec"]["privateKey"]
+    assert kept_key["rotationPolicy"] == "Never"  # for DANE: the TLSA record stays valid
     gateway = result.get("Deployment", f"{FULL}-gateway")
     tls = next(v for v in gateway["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
     assert tls["secret"]["secretName"] == certificate["spec"]["secretName"]
     with pytest.raises(helm.HelmError, match="issuerRef"):
         render(base_values(gateway={"tls": {"source": "certManager"}}))
+
+
+def test_mta_sts_policy_hosts_behind_an_ingress_with_one_certificate() -> None:
+    """RFC 8461 §3.3: https://mta-sts.<domain>/.well-known/mta-sts.txt with a WebPKI
+    certificate: the Ingress terminates TLS for every host, the gateway answers plain HTTP."""
+    result = scenario("cert-manager-and-metrics")
+    hosts = ["mta-sts.example.org", "mta-sts.example.net"]
+    certificate = result.get("Certificate", f"{FULL}-mta-sts")
+    assert certificate["spec"]["dnsNames"] == hosts
+    assert certificate["spec"]["issuerRef"]["name"] == "letsencrypt"  # the gateway's issuer
+    ingress = result.get("Ingress", f"{FULL}-mta-sts")["spec"]
+    assert ingress["ingressClassName"] == "nginx"
+    assert ingress["tls"] == [{"hosts": hosts, "secretName": certificate["spec"]["secretName"]}]
+    assert [rule["host"] for rule in ingress["rules"]] == hosts
+    backend = ingress["rules"][0]["http"]["paths"][0]
+    assert (backend["path"], backend["pathType"]) == ("/.well-known/mta-sts.txt", "Exact")
+    service = result.get("Service", f"{FULL}-mta-sts")
+    assert backend["backend"]["service"] == {"name": f"{FULL}-mta-sts", "port": {"name": "http"}}
+    assert service["spec"]["ports"][0]["targetPort"] == "mta-sts"
+    gateway = result.get("Deployment", f"{FULL}-gateway")
+    (container,) = gateway["spec"]["template"]["spec"]["containers"]
+    port = next(p for p in container["ports"] if p["name"] == "mta-sts")["containerPort"]
+    assert env_of(container)["MAILKUBE_MTA_STS_LISTEN"] == f":{port}"
+    policy = result.get("NetworkPolicy", f"{FULL}-gateway")
+    assert {"port": "mta-sts", "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
+    # off by default; on, it needs the domains and a certificate
+    defaults = scenario("defaults")
+    assert f"{FULL}-mta-sts" not in defaults.names("Ingress")
+    (plain,) = defaults.get("Deployment", f"{FULL}-gateway")["spec"]["template"]["spec"][
+        "containers"
+    ]
+    assert "MAILKUBE_MTA_STS_LISTEN" not in env_of(plain)
+    with pytest.raises(helm.HelmError, match="domains is required"):
+        render(base_values(gateway={"mtaSts": {"enabled": True}}))
+    with pytest.raises(helm.HelmError, match="needs a certificate"):
+        render(base_values(gateway={"mtaSts": {"enabled": True, "domains": ["example.org"]}}))
+    own = render(base_values(gateway={"mtaSts": {"enabled": True, "domains": ["example.org"],
+                                                  "expose": "ingress",
+                                                  "existingSecret": "sts-tls"}}))  # fmt: skip
+    assert own.of_kind("Certificate") == []
+    assert own.get("Ingress", f"{FULL}-mta-sts")["spec"]["tls"][0]["secretName"] == "sts-tls"
+
+
+def test_mta_sts_on_the_gateway_service_port_443_with_the_gateway_terminating_tls() -> None:
+    """expose=service (the default): where the mta-sts.<domain> CNAMEs to the MX host lead."""
+    result = scenario("hpa-cluster-wide")
+    certificate = result.get("Certificate", f"{FULL}-mta-sts")
+    assert certificate["spec"]["dnsNames"] == ["mta-sts.example.org"]
+    assert certificate["spec"]["issuerRef"]["name"] == "dns01"
+    assert result.of_kind("Ingress") == []
+    service = result.get("Service", f"{FULL}-gateway")
+    assert {"name": "mta-sts", "port": 443, "targetPort": "mta-sts", "protocol": "TCP"} in (
+        service["spec"]["ports"]
+    )
+    pod = result.get("Deployment", f"{FULL}-gateway")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = env_of(container)
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "mta-sts-tls")
+    assert env["MAILKUBE_MTA_STS_TLS_CERT_FILE"] == f"{mount['mountPath']}/tls.crt"
+    assert env["MAILKUBE_MTA_STS_TLS_KEY_FILE"] == f"{mount['mountPath']}/tls.key"
+    volume = next(v for v in pod["volumes"] if v["name"] == "mta-sts-tls")
+    assert volume["secret"]["secretName"] == certificate["spec"]["secretName"]
 
 
 def test_service_monitor_finds_a_metrics_service_per_component() -> None:
@@ -494,7 +764,9 @@ def test_proxy_protocol_with_an_internal_gateway() -> None:
     internal_service = result.get("Service", f"{FULL}-gateway-internal")
     assert internal_service["spec"]["selector"]["mailkube.io/role"] == "internal"
     assert internal_service["spec"]["type"] == "ClusterIP"
-    assert result.names("PodDisruptionBudget") == {f"{FULL}-gateway", f"{FULL}-gateway-internal"}
+    assert result.names("PodDisruptionBudget") == {
+        f"{FULL}-gateway", f"{FULL}-gateway-internal", f"{FULL}-rspamd",
+    }  # fmt: skip
     # without PROXY protocol the internal Service selects the public pods
     default = scenario("defaults").get("Service", f"{FULL}-gateway-internal")
     assert default["spec"]["selector"]["mailkube.io/role"] == "public"
@@ -505,7 +777,7 @@ def test_proxy_protocol_with_an_internal_gateway() -> None:
 def test_single_node_with_one_worker_for_both_lanes() -> None:
     result = scenario("single-node-rwo")
     assert result.names("Deployment") == {
-        f"{FULL}-operator", f"{FULL}-gateway", f"{FULL}-worker-all",
+        f"{FULL}-operator", f"{FULL}-gateway", f"{FULL}-worker-all", f"{FULL}-rspamd",
     }  # fmt: skip
     worker = result.get("Deployment", f"{FULL}-worker-all")
     assert worker["spec"]["template"]["spec"]["containers"][0]["args"] == ["--role", "all"]
@@ -580,6 +852,7 @@ def test_global_registry_and_pull_secrets() -> None:
         "mirror.example.net/mailkube/mailkube-gateway:0.1.0",
         "mirror.example.net/mailkube/mailkube-worker:0.1.0",
         "mirror.example.net/library/redis:7.4.6-alpine",
+        "mirror.example.net/rspamd/rspamd:3.12.1",
     }
     digest = "sha256:" + "ab" * 32
     pinned = render(base_values(gateway={"image": {"digest": digest}}))

@@ -11,10 +11,15 @@ from pydantic import ValidationError
 from mailkube_core.routing import (
     DkimKey,
     Domain,
+    DomainEntry,
     RelayHost,
     RoutingSnapshot,
     RoutingTable,
+    TableGlobals,
+    TlsPolicy,
     User,
+    join_table,
+    split_table,
 )
 
 PRIVATE_KEY = (
@@ -64,6 +69,19 @@ def test_table_normalises_names_and_addresses() -> None:
 def test_duplicate_domain_is_rejected() -> None:
     with pytest.raises(ValidationError, match="domain listed twice"):
         RoutingTable(domains=[Domain(name="example.test"), Domain(name="EXAMPLE.test.")])
+
+
+def test_tls_policies_are_looked_up_by_normalised_domain() -> None:
+    routing = RoutingTable(tls_policies=[TlsPolicy(domain="Example.NET.", tls="dane")])
+    snapshot = RoutingSnapshot(routing, 1)
+    assert snapshot.tls_policy("example.net") == "dane"
+    assert snapshot.tls_policy("EXAMPLE.net") == "dane"
+    assert snapshot.tls_policy("other.net") is None
+    with pytest.raises(ValidationError, match="tls_policies: domain listed twice"):
+        RoutingTable(tls_policies=[TlsPolicy(domain="a.test", tls="sts"),
+                                   TlsPolicy(domain="A.test", tls="dane")])  # fmt: skip
+    with pytest.raises(ValidationError, match="tls"):
+        TlsPolicy(domain="a.test", tls="may")  # type: ignore[arg-type]
 
 
 def test_user_in_unknown_domain_is_rejected() -> None:
@@ -297,3 +315,41 @@ def test_mailbox_dir_keeps_every_local_part_inside_its_domain() -> None:
     assert mailbox_dir("..@example.test") == "example.test/%2E."
     assert mailbox_dir(".hidden@example.test") == "example.test/%2Ehidden"
     assert mailbox_dir("a/../../etc@example.test") == "example.test/a%2F..%2F..%2Fetc"
+
+
+def test_a_domain_entry_checks_what_is_per_domain() -> None:
+    with pytest.raises(ValidationError, match=r"not in domain one\.test"):
+        DomainEntry.model_validate(
+            {"domain": {"name": "one.test"}, "users": [{"address": "a@two.test"}]}
+        )
+    with pytest.raises(ValidationError, match="belongs to both"):
+        DomainEntry.model_validate({
+            "domain": {"name": "one.test"},
+            "users": [{"address": "a@one.test", "aliases": ["x@one.test"]},
+                      {"address": "b@one.test", "aliases": ["X@one.test"]}],
+        })  # fmt: skip
+    # an alias in another domain is the writer's to check across the table
+    entry = DomainEntry.model_validate({
+        "domain": {"name": "one.test"},
+        "users": [{"address": "a@one.test", "aliases": ["a@two.test"]}],
+    })  # fmt: skip
+    assert entry.users[0].aliases == ["a@two.test"]
+
+
+def test_a_table_split_into_entries_and_joined_again_is_the_same() -> None:
+    table = RoutingTable.model_validate({
+        "domains": [{"name": "b.test"}, {"name": "a.test"}, {"name": "c.test"}],
+        "users": [{"address": "x@a.test"}, {"address": "y@b.test"}, {"address": "z@a.test"}],
+        "tls_policies": [{"domain": "remote.test", "tls": "dane"}],
+    })  # fmt: skip
+    entries, globals_ = split_table(table)
+    assert [u.address for u in entries["a.test"].users] == ["x@a.test", "z@a.test"]
+    assert entries["c.test"].users == []
+    parsed = {n: DomainEntry.model_validate_json(e.model_dump_json()) for n, e in entries.items()}
+    joined = join_table(parsed, TableGlobals.model_validate_json(globals_.model_dump_json()))
+    assert [d.name for d in joined.domains] == ["b.test", "a.test", "c.test"]
+    assert joined.tls_policies == table.tls_policies
+    assert sorted(u.address for u in joined.users) == sorted(u.address for u in table.users)
+    # a domain the order does not list comes after the listed ones, by name
+    later = join_table({**parsed, "0.test": DomainEntry(domain=Domain(name="0.test"))}, globals_)
+    assert [d.name for d in later.domains] == ["b.test", "a.test", "c.test", "0.test"]

@@ -1,4 +1,4 @@
-"""Settings (ARCHITECTURE.md "Settings"): seed defaults, env over YAML, units, and errors that
+"""Settings (docs/architecture.md "Settings"): seed defaults, env over YAML, units, and errors that
 name the field and its source on one line each, never echoing a password."""
 
 from __future__ import annotations
@@ -246,6 +246,18 @@ def test_tls_pair_together() -> None:
 def test_split_host_port(value: str, expected: tuple[str | None, int]) -> None:
     s = load_settings(GatewaySettings, environ={**HOST, "MAILKUBE_MX_LISTEN": value})
     assert split_host_port(s.mx_listen[0]) == expected
+
+
+def test_listener_port_zero_takes_a_free_port_only_with_one_process() -> None:
+    s = load_settings(GatewaySettings, environ={**HOST, "MAILKUBE_MX_LISTEN": "127.0.0.1:0"})
+    assert split_host_port(s.mx_listen[0]) == ("127.0.0.1", 0)
+    with pytest.raises(SettingsError, match="mx_listen: port 0 needs processes 1"):
+        load_settings(
+            GatewaySettings,
+            environ={**HOST, "MAILKUBE_MX_LISTEN": "127.0.0.1:0", "MAILKUBE_PROCESSES": "2"},
+        )
+    with pytest.raises(SettingsError, match="redis_sentinels"):
+        load_settings(GatewaySettings, environ={**HOST, "MAILKUBE_REDIS_SENTINELS": "h:0"})
 
 
 # --- units ----------------------------------------------------------------------------------
@@ -589,3 +601,153 @@ def test_nested_env_merges_with_yaml(tmp_path: Path) -> None:
     )
     assert s.smart_host is not None
     assert (s.smart_host.host, s.smart_host.port) == ("relay.example.test", 2525)
+
+
+# --- Redis replicas and Sentinel ------------------------------------------------------------
+
+
+def test_enqueue_replicas_default_off_and_wait_derived_from_redis_timeout() -> None:
+    settings = load_settings(GatewaySettings, environ=HOST)
+    assert settings.enqueue_replicas == 0
+    tuned = load_settings(
+        GatewaySettings,
+        environ={**HOST, "MAILKUBE_ENQUEUE_REPLICAS": "1", "MAILKUBE_REDIS_TIMEOUT": "4s"},
+    )
+    assert tuned.replica_ack_timeout() == timedelta(seconds=2)
+
+
+def test_enqueue_replicas_timeout_must_be_shorter_than_redis_timeout() -> None:
+    """The replicas' WAIT is one request: at redis_timeout its connection is dropped first."""
+    message = error_of(
+        GatewaySettings,
+        environ={
+            **HOST,
+            "MAILKUBE_ENQUEUE_REPLICAS": "1",
+            "MAILKUBE_ENQUEUE_REPLICAS_TIMEOUT": "5s",
+            "MAILKUBE_REDIS_TIMEOUT": "5s",
+        },
+    )
+    assert "enqueue_replicas_timeout must be shorter than redis_timeout" in message
+
+
+def test_enqueue_replicas_timeout_must_be_shorter_than_enqueue_timeout() -> None:
+    message = error_of(
+        GatewaySettings,
+        environ={
+            **HOST,
+            "MAILKUBE_ENQUEUE_REPLICAS": "2",
+            "MAILKUBE_REDIS_TIMEOUT": "30s",
+            "MAILKUBE_ENQUEUE_TIMEOUT": "10s",
+        },
+    )
+    assert "enqueue_replicas_timeout must be shorter than enqueue_timeout" in message
+
+
+def test_enqueue_replicas_is_refused_on_cluster() -> None:
+    message = error_of(
+        GatewaySettings,
+        environ={**HOST, "MAILKUBE_ENQUEUE_REPLICAS": "1", "MAILKUBE_REDIS_CLUSTER": "true"},
+    )
+    assert "enqueue_replicas is not supported with redis_cluster" in message
+
+
+def test_negative_enqueue_replicas_names_the_setting() -> None:
+    message = error_of(GatewaySettings, environ={**HOST, "MAILKUBE_ENQUEUE_REPLICAS": "-1"})
+    assert "invalid setting enqueue_replicas (from MAILKUBE_ENQUEUE_REPLICAS)" in message
+
+
+def test_sentinels_from_environment() -> None:
+    settings = load_settings(
+        WorkerSettings,
+        environ={
+            **HOST,
+            "MAILKUBE_REDIS_SENTINELS": "s1.example.test:26379, 10.0.0.2:26380,[::1]:26381",
+            "MAILKUBE_REDIS_SENTINEL_MASTER": "mailkube",
+            "MAILKUBE_REDIS_SENTINEL_PASSWORD": PASSWORD,
+        },
+    )
+    assert settings.sentinel_addresses() == [
+        ("s1.example.test", 26379),
+        ("10.0.0.2", 26380),
+        ("::1", 26381),
+    ]
+    assert settings.redis_sentinel_secret() == PASSWORD
+    assert PASSWORD not in repr(settings)
+
+
+def test_sentinel_password_file_wins(tmp_path: Path) -> None:
+    secret = write(tmp_path, "from-file\n", "sentinel-password")
+    settings = load_settings(
+        OperatorSettings,
+        environ={
+            **HOST,
+            "MAILKUBE_REDIS_SENTINELS": "s1:26379",
+            "MAILKUBE_REDIS_SENTINEL_MASTER": "m",
+            "MAILKUBE_REDIS_SENTINEL_PASSWORD": PASSWORD,
+            "MAILKUBE_REDIS_SENTINEL_PASSWORD_FILE": str(secret),
+        },
+    )
+    assert settings.redis_sentinel_secret() == "from-file"
+
+
+def test_sentinels_need_a_master_name() -> None:
+    message = error_of(OperatorSettings, environ={**HOST, "MAILKUBE_REDIS_SENTINELS": "s1:26379"})
+    assert "redis_sentinel_master must name the primary" in message
+
+
+def test_master_name_without_sentinels() -> None:
+    message = error_of(
+        OperatorSettings, environ={**HOST, "MAILKUBE_REDIS_SENTINEL_MASTER": "mailkube"}
+    )
+    assert "redis_sentinel_master is set but redis_sentinels is empty" in message
+
+
+@pytest.mark.parametrize("address", [":26379", "s1", "s1:0", "bad host:26379"])
+def test_bad_sentinel_address_names_the_setting(address: str) -> None:
+    message = error_of(
+        WorkerSettings,
+        environ={
+            **HOST,
+            "MAILKUBE_REDIS_SENTINELS": address,
+            "MAILKUBE_REDIS_SENTINEL_MASTER": "m",
+        },
+    )
+    assert "invalid setting redis_sentinels" in message
+
+
+def test_sentinels_exclude_cluster_and_unix_sockets() -> None:
+    sentinels = {"MAILKUBE_REDIS_SENTINELS": "s1:26379", "MAILKUBE_REDIS_SENTINEL_MASTER": "m"}
+    cluster = error_of(
+        GatewaySettings, environ={**HOST, **sentinels, "MAILKUBE_REDIS_CLUSTER": "true"}
+    )
+    assert "redis_sentinels and redis_cluster exclude each other" in cluster
+    unix = error_of(
+        GatewaySettings,
+        environ={**HOST, **sentinels, "MAILKUBE_REDIS_URL": "unix:///run/redis.sock"},
+    )
+    assert "redis_url must be redis:// or rediss:// with redis_sentinels" in unix
+
+
+def test_a_service_raises_its_open_file_limit_to_the_hard_limit() -> None:
+    import resource
+    import subprocess
+    import sys
+
+    def low() -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    script = (
+        "import resource\n"
+        "from mailkube_core.service import raise_fd_limit\n"
+        "before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"
+        "now = raise_fd_limit()\n"
+        "print(before, now, resource.getrlimit(resource.RLIMIT_NOFILE)[1])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], preexec_fn=low, capture_output=True, text=True,
+        check=True, timeout=60,
+    )  # fmt: skip
+    before, now, hard = (int(v) for v in result.stdout.split())
+    assert before == 256
+    assert now == hard

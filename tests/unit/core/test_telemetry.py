@@ -591,3 +591,53 @@ def test_a_tally_exports_the_cumulative_sum_of_each_attribute_set() -> None:
     assert exported()[(("listener", "mx"), ("outcome", "queued"))] == (4, True)
     assert tally.value({"listener": "mx", "outcome": "queued"}) == 4
     provider.shutdown()
+
+
+def test_the_provider_says_whether_any_span_processor_sees_spans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway records its session spans only when someone sees them; it asks through
+    the provider's public add_span_processor, not the SDK's private processor list."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from mailkube_core.telemetry import spans_exported
+    from mailkube_core.telemetry.providers import ObservedTracerProvider
+
+    for name in OTLP_ENV:
+        monkeypatch.delenv(name, raising=False)
+    provider = build_tracer_provider(build_resource("spans-test", "0"))
+    assert isinstance(provider, ObservedTracerProvider)
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: provider)
+    assert not spans_exported()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    assert spans_exported()
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://127.0.0.1:9/v1/traces")
+    with_otlp = build_tracer_provider(build_resource("spans-test", "0"))
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: with_otlp)
+    assert spans_exported()
+    with_otlp.shutdown()
+
+    # someone else's provider: it cannot say, so spans are recorded
+    foreign = TracerProvider()
+    monkeypatch.setattr(trace, "get_tracer_provider", lambda: foreign)
+    assert spans_exported()
+
+
+def test_span_ids_only_continues_the_parent_trace_or_starts_one() -> None:
+    from mailkube_core.telemetry import span_ids_only
+
+    parent = span_ids_only()
+    child = span_ids_only(parent)
+    parent_context, child_context = parent.get_span_context(), child.get_span_context()
+    assert parent_context.is_valid
+    assert child_context.is_valid
+    assert child_context.trace_id == parent_context.trace_id
+    assert child_context.span_id != parent_context.span_id
+    assert not child.is_recording()
+    # an invalid parent (no span) does not lend its zero trace id
+    orphan = span_ids_only(trace.INVALID_SPAN)
+    assert orphan.get_span_context().trace_id != 0
+    assert span_ids_only().get_span_context().trace_id != parent_context.trace_id

@@ -92,12 +92,13 @@ def test_params() -> None:
     assert (mail.size, mail.body, mail.ret, mail.envid, mail.smtputf8) == (
         100, "8BITMIME", "FULL", "a+b", True
     )  # fmt: skip
-    for bad, code in [("SIZE=1001", "552 5.3.4"), ("SIZE=x", "501"), ("BODY=BINARYMIME", "501"),
+    for bad, code in [("SIZE=1001", "552 5.3.4"), ("SIZE=x", "501"), ("BODY=BINARY", "501"),
                       ("FOO=1", "555"), ("SIZE=1 SIZE=2", "501"), ("RET=NONE", "501"),
-                      ("ENVID=a=b", "501")]:  # fmt: skip
+                      ("ENVID=a=b", "501"), ("SIZE=²", "501"), ("SIZE=١٢", "501")]:  # fmt: skip
         with pytest.raises(ParamError) as error:
             parse_mail_params(bad, max_size=1000)
         assert error.value.reply.startswith(code), bad
+    assert parse_mail_params("BODY=binarymime", max_size=1000).body == "BINARYMIME"  # RFC 3030
     rcpt = parse_rcpt_params("NOTIFY=failure,DELAY ORCPT=rfc822;a+40b")
     assert rcpt.orcpt == "rfc822;a@b"
     for bad in ("NOTIFY=NEVER,SUCCESS", "NOTIFY=SOMETIMES", "ORCPT=nosemicolon", "X=1"):

@@ -1,94 +1,23 @@
 """The shared limits (ratelimit.py) on a real Redis: GCRA rates, the quota asked beside the
-recipient's rate, connection leases; where their state is kept (replicas, not the AOF); and the
-one connection that the hot path of every session shares."""
+recipient's rate, connection leases; where their state is kept (replicas, not the AOF).
+The connection they share: tests/unit/core/test_redis_multiplexed.py."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from conditions import eventually
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster as ClusterClient
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis_servers import RedisServer
 
 from mailkube_core.mailbox import BYTES_FIELD, mailbox_key
-from mailkube_gateway.ratelimit import (
-    LATER,
-    Limits,
-    MultiplexedRedis,
-    SenderRate,
-    _Connection,
-    multiplexed,
-)
-
-# spins for ARGV[1] microseconds of Redis time (a command that is surely in flight)
-_SPIN = """
-local t = redis.call('TIME')
-local start = t[1] * 1000000 + t[2]
-repeat
-  local n = redis.call('TIME')
-until n[1] * 1000000 + n[2] - start > tonumber(ARGV[1])
-return 'done'
-"""
-
-
-def client_count(url: str) -> int:
-    with redis.Redis.from_url(url) as plain:
-        return len(plain.client_list())
-
-
-async def test_every_caller_gets_its_own_reply_down_one_connection(redis_url: str) -> None:
-    with redis.Redis.from_url(redis_url) as plain:
-        for n in range(300):
-            plain.set(f"k{n}", f"v{n}")
-            plain.hset(f"h{n}", "f", f"w{n}")
-    before = client_count(redis_url)
-    client = multiplexed(Redis.from_url(redis_url))
-    assert isinstance(client, MultiplexedRedis)
-    try:
-        gets = [client.get(f"k{n}") for n in range(300)]
-        hgets = [client.hget(f"h{n}", "f") for n in range(300)]
-        replies = await asyncio.gather(*gets, *hgets)
-        assert replies == [f"v{n}".encode() for n in range(300)] + [
-            f"w{n}".encode() for n in range(300)
-        ]
-        # 600 commands at once, and one connection more than before
-        assert client_count(redis_url) == before + 1
-        # commands outside the hot path take the pool as usual
-        assert await client.set("other", "x") is True
-        assert await client.ping() is True
-    finally:
-        await client.aclose()
-
-
-async def test_a_client_that_decodes_replies_keeps_the_pool(redis_url: str) -> None:
-    decoding = Redis.from_url(redis_url, decode_responses=True)
-    assert multiplexed(decoding) is decoding
-    await decoding.aclose()
-
-
-async def test_an_error_reply_goes_to_its_caller_only(redis_url: str) -> None:
-    client = multiplexed(Redis.from_url(redis_url))
-    try:
-        await client.set("text", "value")
-        wrong, right = await asyncio.gather(
-            client.hget("text", "f"), client.get("text"), return_exceptions=True
-        )
-        assert isinstance(wrong, ResponseError)
-        assert "WRONGTYPE" in str(wrong)
-        assert right == b"value"
-        # and the connection carries on
-        assert await client.get("text") == b"value"
-    finally:
-        await client.aclose()
+from mailkube_core.redis_multiplexed import multiplexed
+from mailkube_gateway.ratelimit import Limits, SenderRate
 
 
 async def test_scripts_are_loaded_when_redis_does_not_know_them(redis_url: str) -> None:
@@ -98,47 +27,6 @@ async def test_scripts_are_loaded_when_redis_does_not_know_them(redis_url: str) 
         assert await limits.allow_message("sender", "a", 10)
         await client.script_flush()  # e.g. a Redis restarted without its script cache
         assert await limits.allow_message("sender", "a", 10)
-    finally:
-        await client.aclose()
-
-
-async def test_a_lost_connection_fails_what_is_in_flight_and_the_next_call_reconnects(
-    private_redis: RedisServer,
-) -> None:
-    client = multiplexed(Redis.from_url(private_redis.url))
-    assert isinstance(client, MultiplexedRedis)
-    try:
-        sha = await client.script_load(_SPIN)
-        spinning = asyncio.ensure_future(client.evalsha(sha, 0, 5_000_000))
-        await eventually(lambda: _in_flight(client))
-        private_redis.kill()
-        with pytest.raises(RedisConnectionError):
-            await spinning
-        with pytest.raises(RedisConnectionError):
-            await client.get("anything")
-        private_redis.restart()
-        with private_redis.client() as plain:
-            plain.set("back", "1")
-        assert await client.get("back") == b"1"
-    finally:
-        await client.aclose()
-
-
-async def _in_flight(client: MultiplexedRedis) -> bool:
-    connection = client._connection
-    return connection is not None and bool(connection.waiting)
-
-
-async def test_a_caller_that_gives_up_leaves_the_others_their_replies(redis_url: str) -> None:
-    client = multiplexed(Redis.from_url(redis_url))
-    try:
-        sha = await client.script_load(_SPIN)
-        await client.set("after", "ok")
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.05):
-                await client.evalsha(sha, 0, 300_000)
-        # the abandoned reply arrives first and is dropped; this one still gets its own
-        assert await client.get("after") == b"ok"
     finally:
         await client.aclose()
 
@@ -278,68 +166,3 @@ async def test_limits_on_a_redis_cluster(redis_cluster: Any) -> None:
         assert await limits.acquire_connection("1.2.3.4", "y", 1, timedelta(minutes=1))
     finally:
         await cluster.aclose()
-
-
-class _RecordingTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-
-class _OwnHandles:
-    """An event loop as uvloop is one: its timer handles are not asyncio.TimerHandle."""
-
-    class Handle:
-        def __init__(self, inner: asyncio.TimerHandle) -> None:
-            self.inner = inner
-
-        def cancel(self) -> None:
-            self.inner.cancel()
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-
-    def create_future(self) -> asyncio.Future[Any]:
-        return self.loop.create_future()
-
-    def call_soon(self, callback: Any) -> Any:
-        return _OwnHandles.Handle(self.loop.call_soon(callback))  # type: ignore[arg-type]
-
-    def call_later(self, delay: float, callback: Any) -> Any:
-        return _OwnHandles.Handle(self.loop.call_later(delay, callback))
-
-
-@pytest.mark.parametrize("own_handles", [False, True], ids=["asyncio", "own-handle-classes"])
-async def test_a_request_nobody_waits_for_goes_out_with_the_next_urgent_one(
-    own_handles: bool,
-) -> None:
-    real_loop = asyncio.get_running_loop()
-    loop: Any = _OwnHandles(real_loop) if own_handles else real_loop
-    transport = _RecordingTransport()
-    writer = asyncio.StreamWriter(transport, asyncio.Protocol(), None, real_loop)
-    connection = _Connection(writer)
-
-    async def turns(count: int) -> None:
-        for _ in range(count):
-            await asyncio.sleep(0)
-
-    connection.send(b"release\r\n", loop, urgent=False)
-    await turns(3)
-    assert transport.writes == []  # held back, for company
-    connection.send(b"check-1\r\n", loop)
-    connection.send(b"check-2\r\n", loop)
-    await turns(1)
-    assert transport.writes == [b"release\r\ncheck-1\r\ncheck-2\r\n"]  # one write, in order
-    # alone, it still goes out, LATER seconds on
-    connection.send(b"release\r\n", loop, urgent=False)
-    await eventually(_async(lambda: len(transport.writes) == 2), timeout=LATER * 20)
-    assert transport.writes[1] == b"release\r\n"

@@ -18,6 +18,7 @@ from mailkube_gateway.relay import (
     is_postmaster,
     parse_path,
     relay_verdict,
+    split_path_command,
 )
 
 LOCAL_DOMAINS = {"example.test", "xn--bcher-kva.example"}
@@ -180,3 +181,18 @@ def test_fuzz_arbitrary_text_never_raises_anything_else(text: str) -> None:
     for candidate in (text, f"<{text}>"):
         with contextlib.suppress(PathSyntaxError):
             parse_path(candidate, utf8=True, null_ok=True)
+
+
+@pytest.mark.parametrize(
+    ("arg", "keyword", "esmtp", "split"),
+    [("FROM:<a@b.test>", "FROM:", False, ("<a@b.test>", "")),
+     ("from: <a@b.test> SIZE=10", "FROM:", True, ("<a@b.test>", "SIZE=10")),
+     ('TO:<"a> b"@c.test> NOTIFY=NEVER', "TO:", True, ('<"a> b"@c.test>', "NOTIFY=NEVER")),
+     ("TO:<a@b.test> NOTIFY=NEVER", "TO:", False, None),  # parameters need EHLO
+     ("TO:<a@b.test>", "FROM:", True, None), (None, "TO:", True, None), ("", "TO:", True, None),
+     ("TO", "TO:", True, None), ("FROM:<>", "FROM:", False, ("<>", ""))],
+)  # fmt: skip
+def test_mail_and_rcpt_arguments_split_alike(
+    arg: str | None, keyword: str, esmtp: bool, split: tuple[str, str] | None
+) -> None:
+    assert split_path_command(arg, keyword, esmtp=esmtp) == split

@@ -110,5 +110,79 @@ def test_domain_is_immutable_by_a_cel_rule() -> None:
 
 def test_printer_columns() -> None:
     crd = crdgen.maildomain_crd()
-    columns = [c["name"] for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]]
-    assert [c for c in columns if c != "Reason"] == ["Domain", "Ready", "Users", "DKIM", "Age"]
+    columns = {c["name"]: c for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert [c for c in columns if c != "Reason"] == [
+        "Domain", "Ready", "Users", "DKIM", "Spam", "Age"]  # fmt: skip
+    assert columns["Spam"]["jsonPath"] == ".status.spam.policy"  # the policy in effect
+    users = crdgen.mailuser_crd()
+    columns = {c["name"]: c for c in users["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["SubmissionSuspended"]["jsonPath"] == (
+        '.status.conditions[?(@.type=="SubmissionSuspended")].status'
+    )
+    assert columns["SubmissionSuspended"]["priority"] == columns["Suspended"]["priority"] == 1
+
+
+def _domain(spam: dict[str, Any]) -> dict[str, Any]:
+    return {"spec": {"domain": "example.org", "spam": spam}}
+
+
+@pytest.mark.parametrize(
+    "spam",
+    [
+        {"policy": "discard"},
+        {"policy": ""},
+        {"rejectScore": -1},
+        {"junkScore": 1001},
+        {"rejectScore": "15"},
+        {"rewriteSubject": "yes"},
+        {"whenUnavailable": "retry"},
+        {"greylisting": 1},
+        {"greylist": True},  # unknown fields: pruned by the API server, refused here
+    ],
+)
+def test_schema_refuses_bad_spam_values(spam: dict[str, Any]) -> None:
+    schema = _schema("MailDomain")
+    closed = _closed(schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft202012Validator(closed).validate(_domain(spam))
+
+
+def test_schema_accepts_spam_settings() -> None:
+    _validate("MailDomain", _domain({}))
+    _validate("MailDomain", _domain({
+        "policy": "quarantine", "rejectScore": 15, "junkScore": 6.5, "rewriteSubject": True,
+        "whenUnavailable": "accept", "greylisting": False}))  # fmt: skip
+    _validate("MailDomain", _domain({"policy": "off"}))
+
+
+def test_junk_score_below_reject_score_by_a_cel_rule() -> None:
+    """The API server checks it from Kubernetes 1.25 on (kmock and 1.20 cannot); the operator
+    refuses the same specs (test_operator_plan)."""
+    spam = _schema("MailDomain")["properties"]["spec"]["properties"]["spam"]
+    (rule,) = spam["x-kubernetes-validations"]
+    assert rule == {
+        "rule": "!has(self.junkScore) || !has(self.rejectScore)"
+        " || self.junkScore < self.rejectScore",
+        "message": "junkScore must be below rejectScore",
+    }
+
+
+def test_status_shows_the_spam_policy_in_effect() -> None:
+    status = _schema("MailDomain")["properties"]["status"]["properties"]["spam"]
+    assert set(status["required"]) == {"policy", "rewriteSubject", "whenUnavailable", "greylisting"}
+    assert set(status["properties"]) == set(
+        _schema("MailDomain")["properties"]["spec"]["properties"]["spam"]["properties"]
+    )
+
+
+def _closed(node: Any) -> Any:
+    """The schema with additionalProperties: false on every object with properties, as the API
+    server's pruning (which drops unknown fields) is stricter than a plain JSON schema."""
+    if isinstance(node, list):
+        return [_closed(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    result = {key: _closed(value) for key, value in node.items()}
+    if result.get("type") == "object" and "properties" in result:
+        result["additionalProperties"] = False
+    return result

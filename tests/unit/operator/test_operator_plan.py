@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
+
+from mailkube_core.routing import SpamPolicy, TlsPolicy
+from mailkube_core.settings import OperatorSettings
 from mailkube_operator.dkim import PublishedKey
 from mailkube_operator.models import MailDomainSpec, RelayCredentials, SecretKeyRef
-from mailkube_operator.plan import ObjectRecord, Plan, Problem, build
+from mailkube_operator.plan import ObjectRecord, Plan, PlanCache, Problem, UserCache, build
 
 
 def domain(name: str, spec: dict[str, Any], *, created: str = "2025-01-01T00:00:00Z",
@@ -55,7 +62,8 @@ def relay(namespace: str, ref: RelayCredentials) -> tuple[str, str] | Problem:
 
 
 def plan(domains: list[ObjectRecord], users: list[ObjectRecord]) -> Plan:
-    return build(domains, users, passwords=passwords, dkim=no_dkim, relay=relay)
+    return build(domains, users, passwords=passwords, dkim=no_dkim, relay=relay,
+                 mx_hostname="mx.example.net")  # fmt: skip
 
 
 EXAMPLE = domain("example", {"domain": "Example.TEST", "catchAll": "alice@example.test",
@@ -193,3 +201,204 @@ def test_relay_without_its_secret_is_published_with_a_warning() -> None:
     warning = result.domains[("mail", "example")].warning
     assert warning is not None
     assert warning.reason == "RelaySecretMissing"
+
+
+def test_spec_spam_reaches_the_routing_table_unset_fields_left_to_the_gateway() -> None:
+    spam = {"policy": "quarantine", "junkScore": 6, "greylisting": True}
+    result = plan([domain("example", {"domain": "example.test", "spam": spam})], [])
+    (published,) = result.table.domains
+    assert published.spam == SpamPolicy(policy="quarantine", junk_score=6.0, greylisting=True)
+    assert published.spam.reject_score is None  # the gateway's spam_reject_score decides
+    assert published.spam.when_unavailable is None
+    (plain_domain,) = plan([EXAMPLE], []).table.domains
+    assert plain_domain.spam == SpamPolicy()
+
+
+def test_spec_mta_sts_reaches_the_routing_table_with_our_mx_host() -> None:
+    """The gateway serves the policy from the table; its text is the one whose hash is the id
+    of the _mta-sts TXT record the status lists."""
+    sts = {"mode": "enforce", "maxAge": 86400}
+    result = plan([domain("example", {"domain": "example.test", "mtaSts": sts})], [])
+    (published,) = result.table.domains
+    assert published.mta_sts is not None
+    assert published.mta_sts.text() == (
+        "version: STSv1\r\nmode: enforce\r\nmx: mx.example.net\r\nmax_age: 86400\r\n"
+    )
+    (plain_domain,) = plan([EXAMPLE], []).table.domains
+    assert plain_domain.mta_sts is None
+
+
+def test_the_operators_tls_policies_reach_the_routing_table() -> None:
+    """The settings' per-destination overrides (normalised there) become tls_policies,
+    sorted so that the table does not change with the settings' order."""
+    settings = OperatorSettings(tls_policies="Partner.Example=dane, bank.example=sts")
+    result = build([EXAMPLE], [], passwords=passwords, dkim=no_dkim, relay=relay,
+                   mx_hostname="mx.example.net", tls_policies=settings.tls_policies)  # fmt: skip
+    assert result.table.tls_policies == [
+        TlsPolicy(domain="bank.example", tls="sts"),
+        TlsPolicy(domain="partner.example", tls="dane"),
+    ]
+    assert plan([EXAMPLE], []).table.tls_policies == []
+
+
+def test_tls_policies_settings_refuse_what_the_table_would() -> None:
+    with pytest.raises(ValidationError, match="listed twice"):
+        OperatorSettings(tls_policies={"a.example": "dane", "A.example.": "sts"})
+    with pytest.raises(ValidationError, match="not domain=policy"):
+        OperatorSettings(tls_policies="a.example")
+    with pytest.raises(ValidationError, match="opportunistic"):
+        OperatorSettings(tls_policies={"a.example": "always"})
+
+
+def test_junk_score_at_or_above_reject_score_is_invalid() -> None:
+    """The CRD's CEL rule refuses it on Kubernetes 1.25+; older API servers (and kmock) let it
+    through, so the operator checks it too."""
+    spam = {"rejectScore": 10, "junkScore": 10}
+    result = plan([domain("example", {"domain": "example.test", "spam": spam})], [])
+    assert result.table.domains == []
+    rejected = result.domains[("mail", "example")].rejected
+    assert rejected is not None
+    assert rejected.reason == "Invalid"
+    assert "junkScore must be below rejectScore" in rejected.message
+    bad_policy = plan([domain("x", {"domain": "example.test", "spam": {"policy": "drop"}})], [])
+    problem = bad_policy.domains[("mail", "x")].rejected
+    assert problem is not None
+    assert "spam.policy" in problem.message
+
+
+def test_a_changed_spec_domain_keeps_serving_the_domain_it_served() -> None:
+    """spec.domain is immutable (a CEL rule, which API servers before 1.25 drop): the operator
+    guards it too, from status.domain, and keeps mail to the old domain flowing."""
+    served = dataclasses.replace(
+        domain("example", {"domain": "renamed.test"}), status={"domain": "example.test"}
+    )
+    result = plan([served], [user("alice", {"address": "alice@example.test"})])
+    assert [d.name for d in result.table.domains] == ["example.test"]
+    outcome = result.domains[("mail", "example")]
+    assert outcome.domain == "example.test"
+    assert outcome.published
+    assert outcome.warning == Problem(
+        "DomainImmutable",
+        "spec.domain cannot change (from example.test to renamed.test): still serving "
+        "example.test; to serve renamed.test, create another MailDomain",
+    )
+    assert result.users[("mail", "alice")].published
+
+    # the same domain, written differently, is no change
+    same = dataclasses.replace(
+        domain("example", {"domain": "EXAMPLE.test"}), status={"domain": "example.test"}
+    )
+    assert plan([same], []).domains[("mail", "example")].warning is None
+
+
+def test_the_users_cache_follows_every_change() -> None:
+    """The plan keeps each user's checked spec and table entry between plans (thousands of
+    users): a changed spec, a new password hash or a deleted user is never served stale."""
+    cache: UserCache = {}
+    hashes = dict(SECRETS)
+
+    def lookup(namespace: str, ref: SecretKeyRef) -> str | Problem:
+        return hashes.get((namespace, ref.name, ref.key)) or Problem("PasswordSecretMissing", "")
+
+    def planned(users: list[ObjectRecord]) -> Plan:
+        return build([EXAMPLE], users, passwords=lookup, dkim=no_dkim, relay=relay,
+                     mx_hostname="mx.example.net", users_cache=cache)  # fmt: skip
+
+    alice = {"address": "alice@example.test", "passwordSecretRef": {"name": "alice-pw"}}
+    first = planned([user("alice", alice), user("bob", {"address": "bob@example.test"})])
+    assert (
+        first.table
+        == plan(
+            [EXAMPLE], [user("alice", alice), user("bob", {"address": "bob@example.test"})]
+        ).table
+    )
+    assert set(cache) == {("mail", "alice"), ("mail", "bob")}
+
+    renamed = planned([user("alice", {**alice, "aliases": ["info@example.test"]})])
+    assert renamed.table.users[0].aliases == ["info@example.test"]
+    assert set(cache) == {("mail", "alice")}  # bob is gone
+
+    hashes[("mail", "alice-pw", "password")] = "$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$bmV3"
+    rehashed = planned([user("alice", {**alice, "aliases": ["info@example.test"]})])
+    assert rehashed.table.users[0].password_hash == hashes[("mail", "alice-pw", "password")]
+
+    invalid = planned([user("alice", {**alice, "quota": "lots"})])
+    assert invalid.users[("mail", "alice")].problem is not None
+    assert invalid.table.users == []
+
+
+def test_a_plan_that_redoes_only_the_users_touched_equals_a_plan_of_all() -> None:
+    """Random changes (aliases taken from each other, addresses moved between domains,
+    users deleted and added, passwords lost and found, a domain added): after each, the plan
+    kept between changes (PlanCache, redoing only what a change touches) gives the same
+    table and verdicts as a plan made from nothing."""
+    rng = random.Random(16)
+    names = ["a.test", "b.test", "c.test"]
+    domains = [domain(n.split(".")[0], {"domain": n}) for n in names]
+    hashes = dict(SECRETS)
+
+    def lookup(namespace: str, ref: SecretKeyRef) -> str | Problem:
+        return hashes.get((namespace, ref.name, ref.key)) or Problem("PasswordSecretMissing", "")
+
+    def spec() -> dict[str, Any]:
+        result: dict[str, Any] = {"address": f"u{rng.randrange(12)}@{rng.choice(names)}"}
+        result["aliases"] = [f"x{rng.randrange(8)}@{rng.choice(names)}"
+                             for _ in range(rng.randrange(3))]  # fmt: skip
+        if rng.random() < 0.3:
+            result["passwordSecretRef"] = {"name": "alice-pw"}
+        if rng.random() < 0.05:
+            result["quota"] = "lots"  # invalid
+        return result
+
+    users = {f"n{i}": user(f"n{i}", spec(), created=f"2025-01-02T00:00:{i:02d}Z")
+             for i in range(30)}  # fmt: skip
+    cache = PlanCache()
+    incremental = 0
+    for step in range(300):
+        what = rng.random()
+        if what < 0.6:
+            name = rng.choice(sorted(users))
+            users[name] = user(name, spec(), created=users[name].created)
+        elif what < 0.75 and users:
+            del users[rng.choice(sorted(users))]
+        elif what < 0.9:
+            name = f"n{30 + step}"
+            users[name] = user(
+                name, spec(), created=f"2025-01-03T00:{step // 60:02d}:{step % 60:02d}Z"
+            )
+        elif what < 0.97:
+            key = ("mail", "alice-pw", "password")
+            if key in hashes:
+                del hashes[key]
+            else:
+                hashes[key] = SECRETS[key]
+        elif len(domains) == 3:
+            domains.append(domain("d", {"domain": "d.test"}))
+            names.append("d.test")
+        state = cache.state
+        kept = build(domains, list(users.values()), passwords=lookup, dkim=no_dkim, relay=relay,
+                     mx_hostname="mx.example.net", cache=cache)  # fmt: skip
+        incremental += cache.state is state and state is not None
+        fresh = build(domains, list(users.values()), passwords=lookup, dkim=no_dkim, relay=relay,
+                      mx_hostname="mx.example.net")  # fmt: skip
+        assert kept.table == fresh.table, step
+        assert [e.model_dump_json() for e in kept.entries.values()] == [
+            e.model_dump_json() for e in fresh.entries.values()], step  # fmt: skip
+        assert kept.users == fresh.users, step
+        assert kept.domains == fresh.domains, step
+    assert incremental > 100  # most plans redid only what a change touched
+
+
+def test_an_unchanged_domain_keeps_its_entry_object() -> None:
+    cache = PlanCache()
+    other = domain("other", {"domain": "other.test"})
+    alice = user("alice", {"address": "alice@example.test"})
+    others = [user(f"u{i}", {"address": f"u{i}@other.test"}) for i in range(9)]
+    first = build([EXAMPLE, other], [alice, *others], passwords=passwords, dkim=no_dkim,
+                  relay=relay, mx_hostname="mx.example.net", cache=cache)  # fmt: skip
+    moved = user("alice", {"address": "alice@example.test", "aliases": ["a@example.test"]})
+    second = build([EXAMPLE, other], [moved, *others], passwords=passwords, dkim=no_dkim,
+                   relay=relay, mx_hostname="mx.example.net", cache=cache)  # fmt: skip
+    assert second.entries["other.test"] is first.entries["other.test"]
+    assert second.entries["example.test"] is not first.entries["example.test"]
+    assert second.entries["example.test"].users[0].aliases == ["a@example.test"]

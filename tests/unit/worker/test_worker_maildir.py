@@ -115,3 +115,54 @@ def test_concurrent_renames_share_directory_fsyncs_and_each_is_covered(
         thread.join()
     assert problems == []
     assert fsyncs < 32  # shared
+
+
+def test_store_many_writes_every_copy_and_fsyncs_each_new_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch: each file written whole into new/ (head and body parts), a copy already there
+    is not written again, and each mailbox's new/ is fsynced once after its renames."""
+    alice = maildir.mailbox_path(tmp_path, "alice@example.test")
+    carol = maildir.mailbox_path(tmp_path, "carol@example.test")
+    maildir.store(alice, "old", b"x", check_existing=False)
+    synced: list[Path] = []
+    real = maildir.fsync_after_rename
+
+    def fsync_after_rename(directory: Path) -> None:
+        names = sorted(p.name for p in directory.iterdir())
+        synced.append(directory)
+        assert names == sorted({"old", "a1", "a2"} if directory.parent == alice else {"c1"})
+        real(directory)
+
+    monkeypatch.setattr(maildir, "fsync_after_rename", fsync_after_rename)
+    copies = [
+        maildir.Copy(alice, "a1", [b"head\n", b"body one\n"], False),
+        maildir.Copy(carol, "c1", [b"head\n", b"body two\n"], False),
+        maildir.Copy(alice, "a2", [b"h\n", b"b\n"], False),
+        maildir.Copy(alice, "old", [b"x"], True),
+    ]
+    with ThreadPoolExecutor(4) as fsyncs:
+        stored = maildir.store_many(copies, fsyncs)
+    assert [s.duplicate for s in stored if isinstance(s, maildir.Stored)] == [
+        False, False, False, True,
+    ]  # fmt: skip
+    assert (alice / "new" / "a1").read_bytes() == b"head\nbody one\n"
+    assert (carol / "new" / "c1").read_bytes() == b"head\nbody two\n"
+    assert [s.size for s in stored if isinstance(s, maildir.Stored)] == [14, 14, 4, 1]
+    assert sorted(synced) == sorted([alice / "new", carol / "new"])
+    assert list((alice / "tmp").iterdir()) == list((carol / "tmp").iterdir()) == []
+
+
+def test_store_many_reports_a_failed_copy_and_stores_the_others(tmp_path: Path) -> None:
+    good = maildir.mailbox_path(tmp_path, "alice@example.test")
+    blocked = tmp_path / "example.test" / "blocked"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_bytes(b"a file where the maildir should be")
+    with ThreadPoolExecutor(2) as fsyncs:
+        stored = maildir.store_many(
+            [maildir.Copy(blocked, "b1", [b"x"], False), maildir.Copy(good, "g1", [b"y"], False)],
+            fsyncs,
+        )
+    assert isinstance(stored[0], OSError)
+    assert isinstance(stored[1], maildir.Stored)
+    assert (good / "new" / "g1").read_bytes() == b"y"

@@ -1,17 +1,21 @@
 """`mailkube dev`: the whole stack on this machine, in the foreground.
 
-A private redis-server (AOF appendfsync always, data in .run/redis), the routing table from
-examples/dev-routing.yaml, a self-signed certificate in .run/tls, and the gateway and worker
-processes as those components exist. Ctrl-C (or SIGTERM) stops the components first, Redis
-last. A component whose entry point exits 0 before it is ready is still a placeholder and is
-reported as not built yet.
+A private redis-server (AOF appendfsync always, data in .run/redis), a private rspamd
+(rspamd_local: config, compiled rules and logs in .run/rspamd, its Redis data in database 1
+of that Redis), the routing table from examples/dev-routing.yaml, a self-signed certificate in
+.run/tls, and the gateway and worker processes as those components exist. Ctrl-C (or SIGTERM)
+stops the components first, then rspamd, Redis last; the servers also get SIGTERM when this
+process dies in any other way (mailkube_core.parent_death). A component whose entry point
+exits 0 before it is ready is still a placeholder and is reported as not built yet.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -29,15 +33,25 @@ import redis
 import yaml
 from pydantic import SecretStr
 
+from ..parent_death import preexec as follow_this_process
 from ..redis_client import connect_redis
 from ..routing import DkimKey, RoutingStore, RoutingTable
 from ..routing.dkim_keys import generate
-from ..settings import CommonSettings
+from ..settings import CommonSettings, split_host_port
 from .devcert import ensure_self_signed
-from .routing_cmd import read_routing_file
+from .routing_cmd import RoutingFileError, read_routing_file
+from .rspamd_local import GTUBE, LocalRspamd, RspamdError
+from .spam_cmd import CONTROLLER_ENV
 
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+#: rspamd's own first start compiles its rules for about 10 s (much longer on a busy machine)
+RSPAMD_READY_TIMEOUT = 120.0
+#: beside a system rspamd (11333 normal, 11334 controller, 11332 proxy), not on its ports
+RSPAMD_PORT = 11433
+RSPAMD_CONTROLLER_PORT = 11434
+#: rspamd's Bayes statistics and history in this database of the dev Redis (Mailkube: 0)
+RSPAMD_REDIS_DB = 1
 
 
 class DevError(Exception):
@@ -61,15 +75,32 @@ class DevStack:
     mx_port: int = 2525
     submission_port: int = 2587
     submissions_port: int = 2465
+    gateway_telemetry_port: int = 9125
+    worker_telemetry_port: int = 9126
+    rspamd_port: int = RSPAMD_PORT
+    rspamd_controller_port: int = RSPAMD_CONTROLLER_PORT
+    #: the resolver (ip:port, [ipv6]:port) of the gateway, the worker and rspamd; None: the
+    #: system's
+    dns: str | None = None
     stopping: threading.Event = field(default_factory=threading.Event)
     redis: subprocess.Popen[bytes] | None = None
+    rspamd: LocalRspamd = field(init=False)
     components: list[Component] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
+        self.rspamd = LocalRspamd(
+            self.run_dir / "rspamd",
+            normal_port=self.rspamd_port,
+            controller_port=self.rspamd_controller_port,
+            proxy_port=None,  # no MTA here speaks milter
+            redis_url=self.redis_url,
+            redis_db=RSPAMD_REDIS_DB,
+            dns=self.dns,
+        )
         self.components = [
-            Component("gateway", "mailkube_gateway", 9125),
-            Component("worker", "mailkube_worker", 9126),
+            Component("gateway", "mailkube_gateway", self.gateway_telemetry_port),
+            Component("worker", "mailkube_worker", self.worker_telemetry_port),
         ]
 
     @property
@@ -81,13 +112,17 @@ class DevStack:
         return self.run_dir / "mailkube.yaml"
 
     def start(self) -> None:
-        for port in (self.redis_port, self.mx_port, self.submission_port, self.submissions_port,
+        for port in (self.redis_port, self.rspamd_port, self.rspamd_controller_port,
+                     self.mx_port, self.submission_port, self.submissions_port,
                      *(c.telemetry_port for c in self.components)):  # fmt: skip
             if _in_use(port):
                 raise DevError(
                     f"127.0.0.1:{port} is already in use (another `mailkube dev`?); stop it first"
                 )
         self._start_redis()
+        self._start_rspamd()
+        if self.stopping.is_set():
+            return
         self._write_config()
         asyncio.run(self._apply_routing())
         for component in self.components:
@@ -106,6 +141,7 @@ class DevStack:
              "--dir", str(data), "--appendonly", "yes", "--appendfsync", "always",
              "--save", "", "--daemonize", "no", "--logfile", str(data / "redis.log")],
             start_new_session=True,  # Ctrl-C reaches us only; we stop Redis last
+            preexec_fn=follow_this_process(),
         )  # fmt: skip
         client = redis.Redis(port=self.redis_port, socket_timeout=1)
         deadline = time.monotonic() + 10
@@ -123,6 +159,28 @@ class DevStack:
                 client.close()
         _say(f"redis    ready  {self.redis_url}  (AOF appendfsync always, data in {data})")
 
+    def _start_rspamd(self) -> None:
+        rspamd = self.rspamd
+        compiled = rspamd.has_compiled_rules
+        try:
+            # a session of its own, like Redis: Ctrl-C reaches us only, we stop it after the
+            # gateway
+            rspamd.start(new_session=True, stop_with_parent=True)
+        except OSError as exc:
+            raise DevError(f"cannot start rspamd: {exc}") from None
+        except RspamdError as exc:
+            raise DevError(str(exc)) from None
+        if not compiled:
+            _say(f"rspamd   compiling its rules, about 10 s on a first start (kept in "
+                 f"{rspamd.directory / 'db'}, later starts take a second)")  # fmt: skip
+        try:
+            rspamd.wait_ready(RSPAMD_READY_TIMEOUT, stopping=self.stopping)
+        except RspamdError as exc:
+            raise DevError(str(exc)) from None
+        if not self.stopping.is_set():
+            _say(f"rspamd   ready  {rspamd.url}  (controller {rspamd.controller_url}, "
+                 f"Redis database {RSPAMD_REDIS_DB}, log {rspamd.log_file})")  # fmt: skip
+
     def _write_config(self) -> None:
         tls = self.run_dir / "tls"
         cert, key = tls / "cert.pem", tls / "key.pem"
@@ -130,7 +188,7 @@ class DevStack:
             _say(f"tls      wrote a self-signed certificate for localhost in {tls}")
         mail = self.run_dir / "mail"
         mail.mkdir(parents=True, exist_ok=True)
-        config = {
+        config: dict[str, object] = {
             "redis_url": self.redis_url,
             "hostname": "localhost",
             "log_format": "text",
@@ -140,10 +198,15 @@ class DevStack:
             "tls_cert_file": str(cert),
             "tls_key_file": str(key),
             "mail_root": str(mail),
+            # every message scanned; spam_policy stays the default, reject: GTUBE is refused
+            "rspamd_url": self.rspamd.url,
             # SPF/DMARC of test senders go to this machine's resolver; without a network
             # that is a DNS temporary error, which should not stop local tests
             "dns_temp_error": "accept",
         }
+        if self.dns is not None:
+            host, port = split_host_port(self.dns)
+            config.update(dns_nameservers=[host], dns_port=port)
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
     async def _apply_routing(self) -> None:
@@ -174,7 +237,10 @@ class DevStack:
         env["MAILKUBE_CONFIG"] = str(self.config_file)
         env["MAILKUBE_TELEMETRY_LISTEN"] = f"127.0.0.1:{component.telemetry_port}"
         component.process = subprocess.Popen(
-            [sys.executable, "-m", component.module], env=env, start_new_session=True
+            [sys.executable, "-m", component.module],
+            env=env,
+            start_new_session=True,
+            preexec_fn=follow_this_process(),
         )
         url = f"http://127.0.0.1:{component.telemetry_port}/readyz"
         deadline = time.monotonic() + READY_TIMEOUT
@@ -203,6 +269,11 @@ class DevStack:
             if self.redis is not None and self.redis.poll() is not None:
                 _say(f"redis exited with status {self.redis.returncode}; stopping")
                 return 1
+            rspamd = self.rspamd.process
+            if rspamd is not None and rspamd.poll() is not None:
+                _say(f"rspamd exited with status {rspamd.returncode} (see "
+                     f"{self.rspamd.log_file}); stopping")  # fmt: skip
+                return 1
             for component in self.components:
                 if component.process is not None and component.process.poll() is not None:
                     _say(f"{component.name} exited with status {component.process.returncode}; "
@@ -214,6 +285,9 @@ class DevStack:
         for component in self.components:
             if component.process is not None:
                 _terminate(component.process, component.name)
+        if self.rspamd.process is not None:
+            _terminate(self.rspamd.process, "rspamd")
+            self.rspamd.process = None
         if self.redis is not None:
             _terminate(self.redis, "redis")
         _say("stopped")
@@ -235,11 +309,18 @@ Send a test mail (install swaks with `apt-get install swaks`; `make run` did):
   swaks --server 127.0.0.1:{self.submissions_port} --tlsc \\
         --auth-user alice@example.test --auth-password alice-password \\
         --from alice@example.test --to alice@example.test
+  # spam: rspamd's GTUBE test line as the body, refused with 554 5.7.1:
+  swaks --server 127.0.0.1:{self.mx_port} --from someone@remote.test --to alice@example.test \\
+        --body {shlex.quote(GTUBE)}
 
-Mail lands in {self.run_dir}/mail/example.test/alice/new/. In another terminal:
+Mail lands in {self.run_dir}/mail/example.test/alice/new/, with rspamd's verdict in its
+header. In another terminal:
   export MAILKUBE_CONFIG={self.config_file}
+  export {CONTROLLER_ENV}={self.rspamd.controller_url}
   uv run mailkube queue stats
   uv run mailkube routing show
+  # teach rspamd's Bayes filter (files, or maildir folders: their cur/ and new/):
+  uv run mailkube spam learn --spam FILE_OR_MAILDIR...   # --ham for wanted mail
 
 Ctrl-C stops everything.
 """, flush=True)  # fmt: skip
@@ -285,7 +366,19 @@ def _terminate(process: subprocess.Popen[bytes], name: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    stack = DevStack(Path(args.run_dir), Path(args.routing), redis_port=args.redis_port)
+    stack = DevStack(
+        Path(args.run_dir),
+        Path(args.routing),
+        redis_port=args.redis_port,
+        mx_port=args.mx_port,
+        submission_port=args.submission_port,
+        submissions_port=args.submissions_port,
+        gateway_telemetry_port=args.gateway_telemetry_port,
+        worker_telemetry_port=args.worker_telemetry_port,
+        rspamd_port=args.rspamd_port,
+        rspamd_controller_port=args.rspamd_controller_port,
+        dns=args.dns,
+    )
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stack.stopping.set()
@@ -298,11 +391,23 @@ def run(args: argparse.Namespace) -> int:
             return 0
         stack.print_usage()
         return stack.supervise()
-    except DevError as exc:
+    except (DevError, RoutingFileError) as exc:
         print(f"mailkube dev: {exc}", file=sys.stderr)
         return 1
     finally:
         stack.stop()
+
+
+def _resolver(text: str) -> str:
+    """IP:PORT or [IPv6]:PORT, for argparse."""
+    try:
+        host, port = split_host_port(text)
+        ipaddress.ip_address(host or "")
+        if not 0 < port < 65536:
+            raise ValueError(port)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not IP:PORT: {text!r}") from None
+    return text
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -310,3 +415,31 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     dev.add_argument("--run-dir", default=".run", help="state directory (default: .run)")
     dev.add_argument("--routing", default="examples/dev-routing.yaml", help="routing table file")
     dev.add_argument("--redis-port", type=int, default=6479)
+    for name, default, what in (
+        ("mx-port", 2525, "the gateway's MX listener"),
+        ("submission-port", 2587, "the gateway's submission listener (STARTTLS)"),
+        ("submissions-port", 2465, "the gateway's submissions listener (implicit TLS)"),
+        ("gateway-telemetry-port", 9125, "the gateway's /metrics and probes"),
+        ("worker-telemetry-port", 9126, "the worker's /metrics and probes"),
+    ):
+        dev.add_argument(
+            f"--{name}", type=int, default=default, help=f"{what} (default: {default})"
+        )
+    dev.add_argument(
+        "--rspamd-port",
+        type=int,
+        default=RSPAMD_PORT,
+        help=f"rspamd's normal worker (default: {RSPAMD_PORT})",
+    )
+    dev.add_argument(
+        "--rspamd-controller-port",
+        type=int,
+        default=RSPAMD_CONTROLLER_PORT,
+        help=f"rspamd's controller (default: {RSPAMD_CONTROLLER_PORT})",
+    )
+    dev.add_argument(
+        "--dns",
+        type=_resolver,
+        metavar="IP:PORT",
+        help="resolver of the gateway, the worker and rspamd (default: the system's)",
+    )

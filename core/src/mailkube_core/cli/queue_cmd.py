@@ -1,4 +1,4 @@
-"""`mailkube queue list|show|retry|delete|stats`."""
+"""`mailkube queue list|show|retry|delete|stats`, over QueueAdmin (queue/admin.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
-from ..queue import MessageInfo, Queue, RecipientStatus
+from ..queue import MessageInfo, QueueAdmin, RecipientStatus
 from ..queue.envelope import utcnow
 from ..queue.outcomes import bounce_rate, read_outcomes
 from .tables import age, clip, size, table
@@ -24,8 +24,8 @@ def _pending(info: MessageInfo) -> int:
     )
 
 
-async def list_messages(queue: Queue, limit: int) -> None:
-    infos = await queue.list_messages(limit)
+async def list_messages(admin: QueueAdmin, limit: int) -> None:
+    infos = await admin.list_messages(limit)
     if not infos:
         print("the queue is empty")
         return
@@ -40,8 +40,8 @@ async def list_messages(queue: Queue, limit: int) -> None:
     ))  # fmt: skip
 
 
-async def show(queue: Queue, message_id: str) -> int:
-    info = await queue.inspect(message_id)
+async def show(admin: QueueAdmin, message_id: str) -> int:
+    info = await admin.inspect(message_id)
     if info is None:
         print(f"no message {message_id} in the queue")
         return 1
@@ -81,14 +81,14 @@ async def show(queue: Queue, message_id: str) -> int:
     return 0
 
 
-async def retry(queue: Queue, ids: list[str]) -> int:
+async def retry(admin: QueueAdmin, ids: list[str]) -> int:
     return await _each(
-        ids, queue.retry_now, "back in the queue", "not deferred (unknown, or queued or active)"
+        ids, admin.retry_now, "back in the queue", "not deferred (unknown, or queued or active)"
     )
 
 
-async def delete(queue: Queue, ids: list[str]) -> int:
-    return await _each(ids, queue.delete, "deleted", "not in the queue")
+async def delete(admin: QueueAdmin, ids: list[str]) -> int:
+    return await _each(ids, admin.delete, "deleted", "not in the queue")
 
 
 async def _each(
@@ -103,17 +103,17 @@ async def _each(
     return 1 if failures else 0
 
 
-async def stats(queue: Queue) -> None:
-    result = await queue.stats()
+async def stats(admin: QueueAdmin) -> None:
+    result = await admin.stats()
     oldest = f", oldest {age(result.oldest)} old" if result.oldest else ""
-    print(f"{result.messages} message(s) in {queue.partitions} partition(s){oldest}")
+    print(f"{result.messages} message(s) in {admin.partitions} partition(s){oldest}")
     print()
     print(table(
         ["PARTITION", "LANE", "READY", "ACTIVE", "DEFERRED"],
         [[s.partition, s.lane, s.ready, s.active, s.deferred] for s in result.lanes],
     ))  # fmt: skip
     today = utcnow().date()
-    outcomes = await read_outcomes(queue.redis, queue.prefix, today)
+    outcomes = await read_outcomes(admin.redis, admin.prefix, today)
     if outcomes:
         print()
         print(f"Recipients by sender domain, {today.isoformat()} (UTC):")

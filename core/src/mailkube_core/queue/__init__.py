@@ -1,5 +1,6 @@
 """The durable delivery queue (Redis Streams, consumer group, retries, failure hook)."""
 
+from .admin import LaneStats, MessageInfo, QueueAdmin, QueueStats
 from .consumer import QueueConsumer
 from .envelope import (
     LANES,
@@ -11,17 +12,9 @@ from .envelope import (
     RecipientStatus,
 )
 from .keys import new_message_id, partition_of
-from .queue import (
-    Claimed,
-    FailedRecipients,
-    FailureHook,
-    LaneStats,
-    MessageInfo,
-    Queue,
-    QueueStats,
-    Settlement,
-)
-from .schedule import RetryPolicy
+from .queue import Claimed, FailedRecipients, FailureHook, Forward, Queue, Settlement
+from .retry_schedule import RetryPolicy
+from .tally import MailboxCopy, TallyRelay
 
 __all__ = [
     "LANES",
@@ -29,11 +22,14 @@ __all__ = [
     "Envelope",
     "FailedRecipients",
     "FailureHook",
+    "Forward",
     "Lane",
     "LaneStats",
+    "MailboxCopy",
     "MessageInfo",
     "Notify",
     "Queue",
+    "QueueAdmin",
     "QueueConsumer",
     "QueueStats",
     "Recipient",
@@ -41,6 +37,7 @@ __all__ = [
     "RecipientStatus",
     "RetryPolicy",
     "Settlement",
+    "TallyRelay",
     "new_message_id",
     "partition_of",
 ]

@@ -57,6 +57,8 @@ class Envelope(BaseModel):
     envid: str | None = None
     body_type: Literal["7BIT", "8BITMIME", "BINARYMIME"] = "7BIT"
     smtputf8: bool = False
+    #: RFC 8689: deliver only over TLS that MTA-STS or DANE validated, to hosts offering it
+    requiretls: bool = False
     received_at: datetime = Field(default_factory=utcnow)
     client_address: str | None = None
     client_helo: str | None = None

@@ -38,8 +38,15 @@ class PartitionKeys:
         return f"{self.tag}:messages"
 
     def message(self, message_id: str) -> str:
-        """Hash: envelope, body, lane, attempts, deliveries, claim info and r:<i> results."""
+        """Hash: envelope, body, lane, attempts, deliveries, claim info, r:<i> results, and
+        the tally's markers: c:<mailbox> (that copy counted), t:<i> (that outcome counted)."""
         return f"{self.tag}:m:{message_id}"
+
+    @property
+    def tally(self) -> str:
+        """Stream: what the partition's deliveries count, appended by the same scripts that
+        record them, until the relay carries it to the counters (queue/tally.py)."""
+        return f"{self.tag}:tally"
 
 
 def new_message_id(partition: int) -> str:
@@ -56,6 +63,17 @@ def new_message_id(partition: int) -> str:
         chars.append(_CROCKFORD[value & 31])
         value >>= 5
     return "".join(reversed(chars)) + f".{partition}"
+
+
+def enqueued_ms(message_id: str) -> int:
+    """When the message was queued (ms since the epoch), from its id's first 10 characters;
+    ValueError for a malformed id."""
+    if not _MESSAGE_ID.fullmatch(message_id):
+        raise ValueError(f"not a message id: {message_id!r}")
+    value = 0
+    for char in message_id[:10]:
+        value = value * 32 + _CROCKFORD.index(char)
+    return value
 
 
 def partition_of(message_id: str) -> int:

@@ -1,16 +1,18 @@
-"""The durable delivery queue on Redis Streams (ARCHITECTURE.md "Queue").
+"""The durable delivery queue on Redis Streams (docs/architecture.md "Queue").
 
 A message is a hash (envelope, body, per-recipient results) plus an entry in its lane's stream
 while it waits for a worker, or a member of its lane's delayed set while it waits for a retry.
-The gateway calls `enqueue`; workers `claim`, `record` each recipient's outcome and `settle`;
-the CLI lists, inspects, retries and deletes.
+The gateway calls `enqueue`; workers `claim`, `record` each recipient's outcome and `settle`
+(a retry's schedule: queue/retry_schedule.py); the CLI lists, inspects, retries and deletes
+through `QueueAdmin` (queue/admin.py). Recording and deferring also count the delivery
+(mailbox copies, outcomes) in the partition's tally, which `TallyRelay` carries to the counters.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -20,15 +22,17 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_client import RedisClient
-from ..settings import CommonSettings, WorkerSettings
+from ..settings import CommonSettings, GatewaySettings, WorkerSettings
 from ..telemetry.tally import Tally
 from . import scripts
 from .envelope import LANES, Envelope, Lane, RecipientResult, RecipientStatus, utcnow
-from .keys import GROUP, PartitionKeys, new_message_id, partition_of
-from .schedule import RetryPolicy
+from .keys import GROUP, PartitionKeys, new_message_id
+from .outcomes import sender_domain
+from .replicas import enqueue_acknowledged
+from .retry_schedule import RetryPolicy
+from .tally import MailboxCopy, OutcomeCount
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,16 @@ _failed = _meter.create_counter(
 _reclaimed = _meter.create_counter(
     "mailkube.queue.reclaimed", unit="{message}", description="Claims taken from dead consumers"
 )
+
+
+@dataclass(frozen=True)
+class Forward:
+    """A new message for the remote lane that delivering recipient `index` made (forward_to
+    a remote address), queued by the script that records that delivery."""
+
+    index: int
+    envelope: Envelope
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -95,52 +109,22 @@ class Settlement:
     failed: int = 0
 
 
-@dataclass(frozen=True)
-class MessageInfo:
-    """One message as the CLI shows it."""
-
-    id: str
-    lane: Lane
-    state: Literal["queued", "active", "deferred"]
-    envelope: Envelope
-    size: int
-    attempts: int
-    deliveries: int
-    results: dict[int, RecipientResult]
-    next_attempt: datetime | None
-    claimed_by: str | None
-    last_error: str | None
-
-
-@dataclass(frozen=True)
-class LaneStats:
-    partition: int
-    lane: Lane
-    ready: int
-    active: int
-    deferred: int
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    messages: int
-    oldest: datetime | None
-    lanes: list[LaneStats]
-
-
 def _ms(moment: datetime) -> int:
     return int(moment.timestamp() * 1000)
 
 
-def _from_ms(value: float | bytes | str) -> datetime:
+def from_ms(value: float | bytes | str) -> datetime:
+    """A time Redis holds in milliseconds (a sorted set's score, a hash field)."""
     return datetime.fromtimestamp(float(value) / 1000, UTC)
 
 
-def _pairs(flat: Sequence[bytes]) -> dict[str, bytes]:
+def message_fields(flat: Sequence[bytes]) -> dict[str, bytes]:
+    """A message hash's fields from HGETALL's flat reply (or a script's, as PEEK's)."""
     return {flat[i].decode(): flat[i + 1] for i in range(0, len(flat), 2)}
 
 
-def _results(fields: Mapping[str, bytes]) -> dict[int, RecipientResult]:
+def recipient_results(fields: Mapping[str, bytes]) -> dict[int, RecipientResult]:
+    """The recipients' recorded outcomes (`r:<index>` fields), by recipient index."""
     return {
         int(name[2:]): RecipientResult.model_validate_json(value)
         for name, value in fields.items()
@@ -148,7 +132,23 @@ def _results(fields: Mapping[str, bytes]) -> dict[int, RecipientResult]:
     }
 
 
+async def run_script(
+    redis: RedisClient, script: AsyncScript, keys: Sequence[str], args: Sequence[Any]
+) -> Any:
+    """EVALSHA as AsyncScript sends it, without its per-call checks (the enqueue hot path),
+    loading the script again when Redis does not know it (a restart, a failover)."""
+    try:
+        return await redis.evalsha(script.sha, len(keys), *keys, *args)
+    except NoScriptError:
+        script.sha = await redis.script_load(script.script)
+        return await redis.evalsha(script.sha, len(keys), *keys, *args)
+
+
 class Queue:
+    """The producer (`enqueue`, the gateway) and the consumer (`claim`, `record`, `settle`,
+    `defer`, `move_due`: the worker). Looking at and managing the queue from outside (the CLI,
+    the worker's depth gauge) is `QueueAdmin` (queue/admin.py)."""
+
     def __init__(
         self,
         redis: RedisClient,
@@ -157,23 +157,23 @@ class Queue:
         partitions: int = 1,
         retry: RetryPolicy | None = None,
         on_failure: FailureHook | None = None,
-        min_replicas: int = 0,
-        replica_timeout: timedelta = timedelta(seconds=5),
+        replicas: int = 0,
+        replica_timeout: timedelta = timedelta(seconds=2.5),
     ) -> None:
-        if min_replicas and isinstance(redis, RedisCluster):
-            raise ValueError("queue_min_replicas (Redis WAIT) is not supported on Redis Cluster")
+        if replicas and isinstance(redis, RedisCluster):
+            raise ValueError("enqueue_replicas (Redis WAIT) is not supported on Redis Cluster")
         self.redis = redis
         self.prefix = prefix
         self.partitions = partitions
         self.retry = retry or RetryPolicy()
         self.on_failure = on_failure
-        self.min_replicas = min_replicas
+        self.replicas = replicas
         self.replica_timeout = replica_timeout
         self._script: dict[str, AsyncScript] = {
             name: redis.register_script(getattr(scripts, name))
             for name in (
                 "ENQUEUE", "LOAD_CLAIMED", "DROP_ENTRY", "EXTEND", "RECORD", "FINISH",
-                "DEFER", "MOVE_DUE", "RETRY_NOW", "DELETE", "PEEK",
+                "FINISH_DELIVERED", "DEFER", "MOVE_DUE", "PEEK",
             )
         }  # fmt: skip
 
@@ -182,6 +182,12 @@ class Queue:
         cls, settings: CommonSettings, redis: RedisClient, on_failure: FailureHook | None = None
     ) -> Queue:
         retry = None
+        replicas: dict[str, Any] = {}
+        if isinstance(settings, GatewaySettings) and settings.enqueue_replicas:
+            replicas = {
+                "replicas": settings.enqueue_replicas,
+                "replica_timeout": settings.replica_ack_timeout(),
+            }
         if isinstance(settings, WorkerSettings):
             retry = RetryPolicy(
                 intervals=settings.retry_intervals,
@@ -195,20 +201,14 @@ class Queue:
             partitions=settings.queue_partitions,
             retry=retry,
             on_failure=on_failure,
-            min_replicas=settings.queue_min_replicas,
+            **replicas,
         )
 
     def keys(self, partition: int) -> PartitionKeys:
         return PartitionKeys(self.prefix, partition)
 
     async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        # EVALSHA as AsyncScript sends it, without its per-call checks (the enqueue hot path)
-        script = self._script[name]
-        try:
-            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            script.sha = await self.redis.script_load(script.script)
-            return await self.redis.evalsha(script.sha, len(keys), *keys, *args)
+        return await run_script(self.redis, self._script[name], keys, args)
 
     # --- producer -------------------------------------------------------------------------
 
@@ -217,8 +217,13 @@ class Queue:
     ) -> list[str]:
         """Queue a message atomically: one message per lane its recipients need (local
         mailboxes, remote hosts), all in one script. Durable when it returns, given Redis runs
-        with `appendfsync always` (and `min_replicas` replicas acknowledged it, if set).
-        Returns the message ids."""
+        with `appendfsync always` (and `replicas` replicas acknowledged it, if set).
+        Returns the message ids.
+
+        The script is one EVALSHA: on the gateway's client (redis_multiplexed.multiplexed) it
+        goes down the process's shared connection with the sessions' other hot-path commands.
+        With `replicas`, the script and its WAIT go down a pooled connection of their own
+        (queue/replicas.py): a WAIT there would hold up every session's commands behind it."""
         by_lane: dict[Lane, list[int]] = {}
         for index, recipient in enumerate(envelope.recipients):
             lane: Lane = "local" if is_local(recipient.address) else "remote"
@@ -238,19 +243,17 @@ class Queue:
             ids.append(message_id)
             script_keys += [keys.message(message_id), keys.stream(lane)]
             args += [message_id, lane, part.model_dump_json()]
-        if self.min_replicas and isinstance(self.redis, Redis):
-            # WAIT counts the writes of this connection, so both go down one pipeline
-            async with self.redis.pipeline(transaction=False) as pipe:
-                await self._script["ENQUEUE"](keys=script_keys, args=args, client=pipe)
-                timeout_ms = int(self.replica_timeout.total_seconds() * 1000)
-                pipe.execute_command("WAIT", self.min_replicas, timeout_ms)
-                _, acked = await pipe.execute()
-            if acked < self.min_replicas:
-                # a RedisError like any other outage: the gateway answers 451 and the client
-                # retries (the copy on the primary may then be delivered too: at-least-once)
-                raise RedisTimeoutError(
-                    f"only {acked} of {self.min_replicas} replicas hold the message"
-                )
+        if self.replicas and isinstance(self.redis, Redis):
+            # a RedisError like any other outage when too few acknowledge: the gateway
+            # answers 451 (the primary's copy may then be delivered too: at-least-once)
+            await enqueue_acknowledged(
+                self.redis,
+                self._script["ENQUEUE"],
+                script_keys,
+                args,
+                replicas=self.replicas,
+                timeout_ms=max(1, int(self.replica_timeout.total_seconds() * 1000)),
+            )
         else:
             await self._run("ENQUEUE", script_keys, args)
         for lane in by_lane:
@@ -329,6 +332,52 @@ class Queue:
             _reclaimed.add(len(entries), {"lane": lane})
         return await self._load(consumer, lane, partition, entries)
 
+    async def reclaim_own(
+        self,
+        consumer: str,
+        lane: Lane,
+        partition: int,
+        *,
+        exclude: Collection[bytes] = (),
+        count: int = 100,
+        min_idle: timedelta = timedelta(0),
+    ) -> list[Claimed]:
+        """Claim again entries `consumer` already holds, but for the entry ids in `exclude`
+        (those its handlers hold) and those claimed less than `min_idle` ago: a claim whose
+        reply never reached it. Up to `count`."""
+        stream = self.keys(partition).stream(lane)
+        idle = int(min_idle.total_seconds() * 1000)
+        try:
+            pending: Any = await self.redis.xpending_range(
+                stream, GROUP, min="-", max="+", count=count + len(exclude),
+                consumername=consumer, idle=idle or None,
+            )  # fmt: skip
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return []
+        ids = [p["message_id"] for p in pending if p["message_id"] not in exclude][:count]
+        if not ids:
+            return []
+        reply: Any = await self.redis.xclaim(stream, GROUP, consumer, idle, ids)
+        entries = [item for item in reply if item[1] is not None]
+        return await self._load(consumer, lane, partition, entries)
+
+    async def holds_others(
+        self, consumer: str, lane: Lane, partition: int, exclude: Collection[bytes]
+    ) -> bool:
+        """Whether `consumer` holds entries besides those in `exclude`, however recent."""
+        stream = self.keys(partition).stream(lane)
+        try:
+            pending: Any = await self.redis.xpending_range(
+                stream, GROUP, min="-", max="+", count=len(exclude) + 1, consumername=consumer
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            return False
+        return any(p["message_id"] not in exclude for p in pending)
+
     async def _load(
         self,
         consumer: str,
@@ -348,7 +397,7 @@ class Queue:
             if not flat:  # deleted from the CLI: drop its leftover stream entry
                 await self._run("DROP_ENTRY", [keys.stream(lane)], [entry_id])
                 continue
-            fields = _pairs(flat)
+            fields = message_fields(flat)
             claimed.append(
                 Claimed(
                     id=message_id,
@@ -360,7 +409,7 @@ class Queue:
                     body=fields["body"],
                     attempts=int(fields["attempts"]),
                     deliveries=int(fields["deliveries"]),
-                    results=_results(fields),
+                    results=recipient_results(fields),
                 )
             )
         return claimed
@@ -370,17 +419,91 @@ class Queue:
         stream = self.keys(claimed.partition).stream(claimed.lane)
         return bool(await self._run("EXTEND", [stream], [claimed.entry_id, claimed.consumer]))
 
-    async def record(self, claimed: Claimed, results: Mapping[int, RecipientResult]) -> bool:
+    async def record(
+        self,
+        claimed: Claimed,
+        results: Mapping[int, RecipientResult],
+        copies: Sequence[MailboxCopy] = (),
+        forwards: Sequence[Forward] = (),
+    ) -> bool:
         """Store recipients' outcomes now, so a crash before `settle` does not deliver to them
-        again. False if the message was deleted meanwhile."""
-        if not results:
+        again, and count them in the same script (queue/tally.py): the copies stored in
+        mailboxes, recipients delivered, failures once reported. Recording a result or a copy
+        again counts nothing more. `forwards`: new messages for the remote lane that delivering
+        these recipients made, queued in the same script, each once however often recorded.
+        False if the message was deleted meanwhile."""
+        if not results and not copies and not forwards:
             return True
         claimed.results.update(results)
-        args: list[str] = []
+        fields: list[str] = []
+        tallies: list[str] = []
+        day, domain = utcnow().date(), sender_domain(claimed.envelope.mail_from)
         for index, result in results.items():
-            args += [f"r:{index}", result.model_dump_json()]
-        key = self.keys(claimed.partition).message(claimed.id)
-        return bool(await self._run("RECORD", [key], args))
+            fields += [f"r:{index}", result.model_dump_json()]
+            if result.status is RecipientStatus.DELIVERED:
+                tallies += [f"t:{index}", OutcomeCount(day, domain, "delivered").item()]
+            elif result.status is RecipientStatus.FAILED and result.reported:
+                tallies += [f"t:{index}", OutcomeCount(day, domain, "bounced").item()]
+        for copy in copies:
+            tallies += [copy.marker, copy.item()]
+        keys = self.keys(claimed.partition)
+        script_keys = [keys.message(claimed.id), keys.tally, keys.messages, keys.stream("remote")]
+        args: list[Any] = [len(results), len(tallies) // 2, len(forwards), _ms(utcnow())]
+        args += fields + tallies
+        for forward in forwards:
+            message_id = new_message_id(claimed.partition)
+            script_keys.append(keys.message(message_id))
+            args += [f"f:{forward.index}", message_id, forward.envelope.model_dump_json(),
+                     forward.body]  # fmt: skip
+        found = int(await self._run("RECORD", script_keys, args))
+        if found > 1:
+            _enqueued.add(found - 1, {"lane": "remote"})
+        return found > 0
+
+    async def finish_delivered(
+        self,
+        batch: Sequence[tuple[Claimed, Sequence[int], Sequence[MailboxCopy]]],
+        forwards: Mapping[str, Sequence[Forward]] | None = None,
+    ) -> int:
+        """Record and settle, in one round trip, claims of one partition and lane whose every
+        pending recipient was delivered now (`indexes`, with the mailbox `copies` stored for
+        them): what `record` then `settle` would do, without storing the results, since the
+        message is removed in the same script. Counts as `record` does (once per marker,
+        whatever an earlier attempt already counted). `forwards` (by claim id): new messages
+        for the remote lane a delivery made, queued in the same script, and only if their
+        claim's message is still there (so exactly once). Returns how many were still queued."""
+        if not batch:
+            return 0
+        forwards = forwards or {}
+        first = batch[0][0]
+        keys = self.keys(first.partition)
+        script_keys = [keys.tally, keys.messages, keys.stream(first.lane),
+                       keys.delayed(first.lane), keys.stream("remote")]  # fmt: skip
+        new_keys: list[str] = []
+        args: list[Any] = [len(batch), _ms(utcnow())]
+        day = utcnow().date()
+        queued = 0
+        for claimed, indexes, copies in batch:
+            assert (claimed.partition, claimed.lane) == (first.partition, first.lane)
+            script_keys.append(keys.message(claimed.id))
+            delivered = OutcomeCount(day, sender_domain(claimed.envelope.mail_from), "delivered")
+            item = delivered.item()
+            new = forwards.get(claimed.id, ())
+            args += [claimed.entry_id, claimed.id, len(indexes) + len(copies), len(new)]
+            for index in indexes:
+                args += [f"t:{index}", item]
+            for copy in copies:
+                args += [copy.marker, copy.item()]
+            for forward in new:
+                message_id = new_message_id(first.partition)
+                new_keys.append(keys.message(message_id))
+                args += [message_id, forward.envelope.model_dump_json(), forward.body]
+            queued += len(new)
+        found = int(await self._run("FINISH_DELIVERED", script_keys + new_keys, args))
+        _settled.add(len(batch), {"lane": first.lane, "outcome": "done"})
+        if queued:
+            _enqueued.add(queued, {"lane": "remote"})
+        return found
 
     async def settle(self, claimed: Claimed, *, now: datetime | None = None) -> Settlement:
         """After an attempt: report new failures to the failure hook, then remove the message
@@ -398,7 +521,7 @@ class Queue:
             await self._run("DROP_ENTRY", [keys.stream(claimed.lane)], [claimed.entry_id])
             return Settlement("gone")
         # fresh from Redis: another consumer that reclaimed the entry may have recorded more
-        claimed.results = _results(_pairs(flat))
+        claimed.results = recipient_results(message_fields(flat))
         pending = claimed.pending()
         expired = bool(pending) and self.retry.expired(
             claimed.attempts, claimed.envelope.received_at, now
@@ -471,15 +594,19 @@ class Queue:
         )  # fmt: skip
 
     async def defer(self, claimed: Claimed, due: datetime, error: str = "") -> bool:
-        """Out of the stream until `due`. False if someone else settled it first."""
+        """Out of the stream until `due`, its pending recipients counted as deferred once.
+        False if someone else settled it first."""
         keys = self.keys(claimed.partition)
+        deferred = OutcomeCount(utcnow().date(), sender_domain(claimed.envelope.mail_from),
+                                "deferred", len(claimed.pending()))  # fmt: skip
         return bool(
             await self._run(
                 "DEFER",
-                [keys.message(claimed.id), keys.stream(claimed.lane), keys.delayed(claimed.lane)],
-                [claimed.entry_id, claimed.id, _ms(due), error[:500]],
+                [keys.message(claimed.id), keys.stream(claimed.lane), keys.delayed(claimed.lane),
+                 keys.tally],
+                [claimed.entry_id, claimed.id, _ms(due), error[:500], deferred.item()],
             )
-        )
+        )  # fmt: skip
 
     async def move_due(
         self, lane: Lane, partition: int, *, now: datetime | None = None, limit: int = 500
@@ -491,96 +618,3 @@ class Queue:
                 "MOVE_DUE", [keys.delayed(lane), keys.stream(lane)], [_ms(now or utcnow()), limit]
             )
         )
-
-    # --- administration -------------------------------------------------------------------
-
-    async def inspect(self, message_id: str) -> MessageInfo | None:
-        keys = self.keys(partition_of(message_id))
-        flat = await self._run(
-            "PEEK",
-            [keys.message(message_id)] + [keys.delayed(lane) for lane in LANES],
-            [message_id],
-        )
-        if flat is None:
-            return None
-        fields = _pairs(flat)
-        due = fields.get("due")
-        claimed_by = fields.get("claimed_by")
-        state: Literal["queued", "active", "deferred"] = (
-            "deferred" if due is not None else "active" if claimed_by else "queued"
-        )
-        lane: Lane = "local" if fields["lane"] == b"local" else "remote"
-        return MessageInfo(
-            id=message_id,
-            lane=lane,
-            state=state,
-            envelope=Envelope.model_validate_json(fields["envelope"]),
-            size=int(fields["body_size"]),
-            attempts=int(fields["attempts"]),
-            deliveries=int(fields["deliveries"]),
-            results=_results(fields),
-            next_attempt=_from_ms(due) if due is not None else None,
-            claimed_by=claimed_by.decode() if claimed_by else None,
-            last_error=fields["last_error"].decode() if fields.get("last_error") else None,
-        )
-
-    async def body(self, message_id: str) -> bytes | None:
-        key = self.keys(partition_of(message_id)).message(message_id)
-        value: Any = await self.redis.hget(key, "body")
-        return bytes(value) if value is not None else None
-
-    async def list_messages(self, limit: int = 100) -> list[MessageInfo]:
-        """The oldest `limit` messages across partitions."""
-        oldest: list[tuple[float, str]] = []
-        for partition in range(self.partitions):
-            members: Any = await self.redis.zrange(
-                self.keys(partition).messages, 0, limit - 1, withscores=True
-            )
-            oldest.extend((score, member.decode()) for member, score in members)
-        infos = []
-        for _, message_id in sorted(oldest)[:limit]:
-            info = await self.inspect(message_id)
-            if info is not None:
-                infos.append(info)
-        return infos
-
-    async def retry_now(self, message_id: str) -> bool:
-        """Move a deferred message back to the stream; False if it was not deferred."""
-        info = await self.inspect(message_id)
-        if info is None or info.state != "deferred":
-            return False
-        keys = self.keys(partition_of(message_id))
-        return bool(
-            await self._run(
-                "RETRY_NOW", [keys.delayed(info.lane), keys.stream(info.lane)], [message_id]
-            )
-        )
-
-    async def delete(self, message_id: str) -> bool:
-        """Remove a message without delivering or bouncing it."""
-        keys = self.keys(partition_of(message_id))
-        return bool(
-            await self._run(
-                "DELETE",
-                [keys.message(message_id), keys.messages] + [keys.delayed(ln) for ln in LANES],
-                [message_id],
-            )
-        )
-
-    async def stats(self) -> QueueStats:
-        total, oldest_ms, lanes = 0, None, []
-        for partition in range(self.partitions):
-            keys = self.keys(partition)
-            total += await self.redis.zcard(keys.messages)
-            first = await self.redis.zrange(keys.messages, 0, 0, withscores=True)
-            if first:
-                oldest_ms = first[0][1] if oldest_ms is None else min(oldest_ms, first[0][1])
-            for lane in LANES:
-                length = await self.redis.xlen(keys.stream(lane))
-                try:
-                    pending = (await self.redis.xpending(keys.stream(lane), GROUP))["pending"]
-                except ResponseError:  # no group yet: nothing claimed
-                    pending = 0
-                deferred = await self.redis.zcard(keys.delayed(lane))
-                lanes.append(LaneStats(partition, lane, length - pending, pending, deferred))
-        return QueueStats(total, _from_ms(oldest_ms) if oldest_ms else None, lanes)

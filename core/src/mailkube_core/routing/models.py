@@ -1,4 +1,4 @@
-"""The routing table (ARCHITECTURE.md "Routing table"): domains, users, DKIM keys, policies.
+"""The routing table (docs/architecture.md "Routing table"): domains, users, DKIM keys, policies.
 
 The operator and `mailkube routing apply` write it; the gateway and workers read it. Addresses
 and domain names are stored normalised (see `addresses`).
@@ -6,6 +6,7 @@ and domain names are stored normalised (see `addresses`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -56,6 +57,26 @@ class DomainPolicy(_Model):
     require_tls_outbound: bool = False
 
 
+class SpamPolicy(_Model):
+    """Spam defence for mail to the domain (docs/spam.md); None: the gateway's setting of the
+    same name (spam_policy, spam_reject_score, ...). Recipients of several domains in one
+    message: the strictest value wins."""
+
+    #: off: not scanned; tag: headers only; quarantine: spam into Junk; reject: rspamd's
+    #: reject refused (554 5.7.1), the rest of the spam into Junk
+    policy: Literal["off", "tag", "quarantine", "reject"] | None = None
+    #: a score at or above this is a reject, whatever rspamd's action
+    reject_score: float | None = None
+    #: a score at or above this is spam (tagged; into Junk under quarantine and reject)
+    junk_score: float | None = None
+    #: prefix the Subject of spam
+    rewrite_subject: bool | None = None
+    #: rspamd down, slow or answering garbage: accept (X-Spam-Status: unchecked) or defer (451)
+    when_unavailable: Literal["accept", "defer"] | None = None
+    #: greylist unknown (client network, sender, recipient) triplets
+    greylisting: bool | None = None
+
+
 class DomainLimits(_Model):
     max_message_size: Annotated[int, Field(gt=0)] | None = None
     max_messages_per_minute: Annotated[int, Field(gt=0)] | None = None
@@ -71,14 +92,35 @@ class RelayHost(_Model):
     password: Secret | None = None
 
 
+class MtaStsPolicy(_Model):
+    """The MTA-STS policy (RFC 8461) we publish for mail to one of our domains: the gateway
+    serves `text()` at https://mta-sts.<domain>/.well-known/mta-sts.txt, and the TXT record's
+    id is derived from the same text (the operator's status)."""
+
+    mode: Literal["enforce", "testing", "none"]
+    #: seconds senders may cache the policy (RFC 8461 §3.2: at most 31557600)
+    max_age: Annotated[int, Field(ge=0, le=31557600)]
+    #: the MX host names senders may deliver to
+    mx: Annotated[list[DomainName], Field(min_length=1)]
+
+    def text(self) -> str:
+        """The policy file (RFC 8461 §3.2), CRLF line ends."""
+        lines = ["version: STSv1", f"mode: {self.mode}", *(f"mx: {mx}" for mx in self.mx),
+                 f"max_age: {self.max_age}"]  # fmt: skip
+        return "".join(f"{line}\r\n" for line in lines)
+
+
 class Domain(_Model):
     name: DomainName
     dkim: list[DkimKey] = []
     #: where mail to unknown local parts of this domain goes; None rejects them (550 5.1.1)
     catch_all: Address | None = None
     policy: DomainPolicy = DomainPolicy()
+    spam: SpamPolicy = SpamPolicy()
     limits: DomainLimits = DomainLimits()
     relay: RelayHost | None = None
+    #: the MTA-STS policy the gateway serves for mta-sts.<name>; None: 404
+    mta_sts: MtaStsPolicy | None = None
 
     def signing_keys(self) -> list[DkimKey]:
         return [key for key in self.dkim if key.signing]
@@ -103,16 +145,36 @@ class User(_Model):
         return split_address(self.address)[1]
 
 
+class TlsPolicy(_Model):
+    """Transport security for mail to a destination domain (any domain, not only ours),
+    overriding what its DNS publishes (docs/delivery.md "Transport security").
+
+    opportunistic: STARTTLS when offered, nothing verified, MTA-STS and DANE not looked up;
+    required: TLS with a certificate valid for the MX host name under the WebPKI;
+    dane: only MX hosts with DNSSEC-authenticated TLSA records, matched (else deferred);
+    sts: only what the domain's MTA-STS policy allows, enforced even in testing mode."""
+
+    domain: DomainName
+    tls: Literal["opportunistic", "required", "dane", "sts"]
+
+
 class RoutingTable(_Model):
     domains: list[Domain] = []
     users: list[User] = []
+    #: per-destination overrides of the outbound TLS policy
+    tls_policies: list[TlsPolicy] = []
 
     @model_validator(mode="after")
     def _consistent(self) -> RoutingTable:
-        names = [d.name for d in self.domains]
-        if len(names) != len(set(names)):
+        overridden = [p.domain for p in self.tls_policies]
+        if len(overridden) != len(set(overridden)):
+            twice = sorted({n for n in overridden if overridden.count(n) > 1})
+            raise ValueError(f"tls_policies: domain listed twice: {twice}")
+        listed = [d.name for d in self.domains]
+        names = set(listed)  # a set: this runs over every user of a table of thousands
+        if len(listed) != len(names):
             raise ValueError(
-                f"domain listed twice: {sorted({n for n in names if names.count(n) > 1})}"
+                f"domain listed twice: {sorted({n for n in listed if listed.count(n) > 1})}"
             )
         owners: dict[str, str] = {}
         for user in self.users:
@@ -121,9 +183,69 @@ class RoutingTable(_Model):
             for address in (user.address, *user.aliases):
                 if split_address(address)[1] not in names:
                     raise ValueError(f"alias {address} of {user.address} is not in a local domain")
-                if address in owners:
-                    raise ValueError(
-                        f"address {address} belongs to both {owners[address]} and {user.address}"
-                    )
-                owners[address] = user.address
+                _own(owners, address, user.address)
         return self
+
+
+def _own(owners: dict[str, str], address: str, user: str) -> None:
+    """Record that `user` owns `address`; an address owned twice is an error."""
+    if address in owners:
+        raise ValueError(f"address {address} belongs to both {owners[address]} and {user}")
+    owners[address] = user
+
+
+class DomainEntry(_Model):
+    """One domain of the table with its users: what Redis keeps per domain (store.py). Its
+    own checks are the per-domain part of RoutingTable's: every user's address in this
+    domain, no address (own or alias) twice among its users. An alias may be in another
+    local domain: that it is local and owned once is the writer's check across the table."""
+
+    domain: Domain
+    users: list[User] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DomainEntry:
+        owners: dict[str, str] = {}
+        for user in self.users:
+            if user.domain != self.domain.name:
+                raise ValueError(f"user {user.address} is not in domain {self.domain.name}")
+            for address in (user.address, *user.aliases):
+                _own(owners, address, user.address)
+        return self
+
+
+class TableGlobals(_Model):
+    """The table's parts that are no domain's, kept in one key next to the domains."""
+
+    tls_policies: list[TlsPolicy] = []
+    #: the domains' order in the table (RoutingTable.domains), e.g. the first is the
+    #: postmaster's fallback; domains not listed follow, by name
+    order: list[DomainName] = []
+
+
+def split_table(table: RoutingTable) -> tuple[dict[str, DomainEntry], TableGlobals]:
+    """The table as stored: one entry per domain with its users, and the rest (no checks
+    again: the table's were made)."""
+    users: dict[str, list[User]] = {domain.name: [] for domain in table.domains}
+    for user in table.users:
+        users[user.domain].append(user)
+    entries = {
+        domain.name: DomainEntry.model_construct(domain=domain, users=users[domain.name])
+        for domain in table.domains
+    }
+    globals_ = TableGlobals.model_construct(
+        tls_policies=table.tls_policies, order=[domain.name for domain in table.domains]
+    )
+    return entries, globals_
+
+
+def join_table(entries: Mapping[str, DomainEntry], globals_: TableGlobals) -> RoutingTable:
+    """The table from its stored parts, unchecked: each entry was checked when it was parsed,
+    the rest across domains is the writer's (RoutingTable's checks, or the operator's plan)."""
+    listed = [name for name in globals_.order if name in entries]
+    names = [*listed, *sorted(set(entries) - set(listed))]
+    return RoutingTable.model_construct(
+        domains=[entries[name].domain for name in names],
+        users=[user for name in names for user in entries[name].users],
+        tls_policies=globals_.tls_policies,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -24,6 +25,16 @@ class RoutingSnapshot:
         self._domains = {domain.name: domain for domain in table.domains}
         self._users = {user.address: user for user in table.users}
         self._aliases = {alias: user for user in table.users for alias in user.aliases}
+        self._tls = {policy.domain: policy.tls for policy in table.tls_policies}
+        #: some domain limits the size of the messages it takes (rules.domain_size_limit):
+        #: when none does, no message needs its recipients' domains looked at
+        self.size_limited = any(domain.limits.max_message_size for domain in table.domains)
+        #: the greylisting values domains set themselves (None: the gateway's): when none
+        #: differs from the gateway's, no message needs its recipients' domains looked at
+        self.greylisting_values = frozenset(
+            domain.spam.greylisting for domain in table.domains
+            if domain.spam.greylisting is not None
+        )  # fmt: skip
 
     @classmethod
     def empty(cls) -> RoutingSnapshot:
@@ -34,6 +45,18 @@ class RoutingSnapshot:
             return self._domains.get(normalize_domain(name))
         except ValueError:
             return None
+
+    def tls_policy(self, domain: str) -> Literal["opportunistic", "required", "dane", "sts"] | None:
+        """The outbound TLS override for a destination domain, None: its DNS decides."""
+        try:
+            return self._tls.get(normalize_domain(domain))
+        except ValueError:
+            return None
+
+    def recipient_domains(self, recipients: Iterable[str]) -> list[Domain | None]:
+        """The domain of each recipient address (None where it is not ours): whose policies
+        apply to a message."""
+        return [self.domain(address.rpartition("@")[2]) for address in recipients]
 
     def is_local_domain(self, name: str) -> bool:
         return self.domain(name) is not None

@@ -3,6 +3,7 @@
 from .loader import SettingsError, load_settings, load_settings_or_exit
 from .models import (
     CommonSettings,
+    DomainSpamDefaults,
     GatewaySettings,
     OperatorSettings,
     SmartHostSettings,
@@ -14,6 +15,7 @@ from .units import ByteSize, Duration, format_duration, parse_duration, parse_si
 __all__ = [
     "ByteSize",
     "CommonSettings",
+    "DomainSpamDefaults",
     "Duration",
     "GatewaySettings",
     "OperatorSettings",

@@ -15,6 +15,7 @@ from pydantic.fields import FieldInfo
 
 from .models import (
     CommonSettings,
+    DomainSpamDefaults,
     GatewaySettings,
     OperatorSettings,
     SmartHostSettings,
@@ -76,8 +77,15 @@ def _table(model: type[BaseModel], names: list[str], env_prefix: str = "MAILKUBE
 
 
 def _own(model: type[CommonSettings]) -> list[str]:
-    common = set(CommonSettings.model_fields)
-    return [n for n in model.model_fields if n not in common or n == "telemetry_listen"]
+    shared = set(CommonSettings.model_fields) | set(DomainSpamDefaults.model_fields)
+    common = CommonSettings.model_fields
+
+    def own(name: str) -> bool:  # its own setting, or a shared one with its own default
+        if name not in shared or name == "telemetry_listen":
+            return True
+        return name in common and model.model_fields[name].default != common[name].default
+
+    return [n for n in model.model_fields if own(n)]
 
 
 def render() -> str:
@@ -85,6 +93,10 @@ def render() -> str:
     sections = [
         INTRO,
         "## Every process\n\n" + _table(CommonSettings, common),
+        "## Spam defaults for domains (gateway and operator)\n\n"
+        + " ".join((DomainSpamDefaults.__doc__ or "").split())
+        + "\n\n"
+        + _table(DomainSpamDefaults, list(DomainSpamDefaults.model_fields)),
         "## Gateway (`mailkube-gateway`)\n\n" + _table(GatewaySettings, _own(GatewaySettings)),
         "## Delivery worker (`mailkube-worker`)\n\n" + _table(WorkerSettings, _own(WorkerSettings)),
         "### `smart_host`\n\n"

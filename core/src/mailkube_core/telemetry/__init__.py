@@ -21,6 +21,7 @@ from .checks import Check
 from .health import HealthServer
 from .logs import setup_logging
 from .propagation import extract_trace_context, inject_trace_context
+from .providers import span_ids_only, spans_exported
 from .tally import Tally
 
 __all__ = [
@@ -33,4 +34,6 @@ __all__ = [
     "inject_trace_context",
     "setup_logging",
     "setup_telemetry",
+    "span_ids_only",
+    "spans_exported",
 ]

@@ -1,5 +1,5 @@
-"""MailDomain: the index, and re-publishing on every change. The reconciler does the rest,
-DKIM keys included (publish.Reconciler._ensure_dkim_keys): it sees every change of a
+"""MailDomain: kept in the store, and re-publishing on every change. The reconciler does the
+rest, DKIM keys included (publish.Reconciler._ensure_dkim_keys): it sees every change of a
 MailDomain and of its DKIM Secret, so a key lost with its Secret is made again."""
 
 from __future__ import annotations
@@ -11,19 +11,17 @@ import kopf
 from mailkube_core.settings import OperatorSettings
 
 from ..models import DOMAINS, GROUP, VERSION
-from ..plan import Key, ObjectRecord
-from ..state import reconcile
+from ..state import reconcile, state_of
+from ..store import Stores
 
 
-def maildomains_idx(body: kopf.Body, **_: Any) -> dict[Key, ObjectRecord]:
-    record = ObjectRecord.from_body(body)
-    return {record.key: record}
-
-
-async def domain_changed(memo: Any, **_: Any) -> None:
+async def domain_changed(memo: Any, body: kopf.Body, **kwargs: Any) -> None:
+    state = state_of(memo)
+    Stores.object_event(state.stores.domains, kwargs.get("type"), body)
+    if state.reconciler is not None and state.reconciler.is_echo(DOMAINS, body, kwargs.get("type")):
+        return  # our own status write coming back: the plan would be the same
     await reconcile(memo)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    kopf.index(GROUP, VERSION, DOMAINS, registry=registry)(maildomains_idx)
     kopf.on.event(GROUP, VERSION, DOMAINS, registry=registry)(domain_changed)

@@ -1,5 +1,6 @@
-"""Secrets: fingerprints of every Secret (no plaintext), the DKIM Secrets' keys, and
-re-publishing when a Secret a MailUser or MailDomain references changes."""
+"""Secrets: kept in the store (fingerprints of every Secret, no plaintext; the DKIM Secrets'
+keys), and re-publishing when a DKIM Secret or a Secret a MailUser or MailDomain references
+changes."""
 
 from __future__ import annotations
 
@@ -11,20 +12,8 @@ import kopf
 from mailkube_core.settings import OperatorSettings
 
 from .. import dkim
-from ..plan import Key, ObjectRecord
-from ..secrets import fingerprints
-from ..state import reconcile
-
-
-def password_secrets_idx(body: kopf.Body, **_: Any) -> dict[Key, dict[str, str]]:
-    meta = body.get("metadata") or {}
-    return {(str(meta.get("namespace")), str(meta.get("name"))): fingerprints(body.get("data"))}
-
-
-def dkim_secrets_idx(body: kopf.Body, **_: Any) -> dict[Key, dict[str, str]]:
-    meta = body.get("metadata") or {}
-    key = (str(meta.get("namespace")), str(meta.get("name")))
-    return {key: dkim.decode_data(body.get("data"))}
+from ..plan import ObjectRecord
+from ..state import reconcile, state_of
 
 
 def referenced(
@@ -53,18 +42,18 @@ async def secret_changed(
     namespace: str | None,
     labels: Mapping[str, str],
     memo: Any,
+    body: kopf.Body,
     **kwargs: Any,
 ) -> None:
-    users, domains = kwargs["mailusers_idx"], kwargs["maildomains_idx"]
+    state = state_of(memo)
+    state.stores.secret_event(kwargs.get("type"), body)
+    reconciler = state.reconciler
+    if reconciler is None or reconciler.reconciles == 0:
+        return  # the first reconcile, still to come, reads the store as it is then
+    users, domains = state.stores.users.index, state.stores.domains.index
     if dkim.DKIM_LABEL in labels or referenced(namespace or "", name, users, domains):
         await reconcile(memo)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    kopf.index("v1", "secrets", labels={dkim.DKIM_LABEL: kopf.ABSENT}, registry=registry)(
-        password_secrets_idx
-    )
-    kopf.index("v1", "secrets", labels={dkim.DKIM_LABEL: kopf.PRESENT}, registry=registry)(
-        dkim_secrets_idx
-    )
     kopf.on.event("v1", "secrets", registry=registry)(secret_changed)

@@ -1,4 +1,5 @@
-"""MailUser: the index and re-publishing on every change (the reconciler does the rest)."""
+"""MailUser: kept in the store, and re-publishing on every change (the reconciler does the
+rest)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,17 @@ import kopf
 from mailkube_core.settings import OperatorSettings
 
 from ..models import GROUP, USERS, VERSION
-from ..plan import Key, ObjectRecord
-from ..state import reconcile
+from ..state import reconcile, state_of
+from ..store import Stores
 
 
-def mailusers_idx(body: kopf.Body, **_: Any) -> dict[Key, ObjectRecord]:
-    record = ObjectRecord.from_body(body)
-    return {record.key: record}
-
-
-async def user_changed(memo: Any, **_: Any) -> None:
+async def user_changed(memo: Any, body: kopf.Body, **kwargs: Any) -> None:
+    state = state_of(memo)
+    Stores.object_event(state.stores.users, kwargs.get("type"), body)
+    if state.reconciler is not None and state.reconciler.is_echo(USERS, body, kwargs.get("type")):
+        return  # our own status write coming back: the plan would be the same
     await reconcile(memo)
 
 
 def register(registry: kopf.OperatorRegistry, settings: OperatorSettings) -> None:
-    kopf.index(GROUP, VERSION, USERS, registry=registry)(mailusers_idx)
     kopf.on.event(GROUP, VERSION, USERS, registry=registry)(user_changed)

@@ -54,6 +54,11 @@ class DnsResolver:
             return None
         return list(hit[1])
 
+    def cached_until(self, name: str, rdtype: str) -> float | None:
+        """Until when (time.monotonic()) `cached` gives this answer; None if it does not."""
+        hit = self._answers.get((name, rdtype))
+        return None if hit is None or hit[0] <= time.monotonic() else hit[0]
+
     async def query(self, name: str, rdtype: str) -> list[Rdata]:
         """The records of `rdtype` at `name`; [] when the name or the type does not exist.
         Raises DnsTempError when the answer cannot be had now."""

@@ -21,7 +21,7 @@ from mailkube_core.routing import Domain, RoutingReader
 from mailkube_core.settings import GatewaySettings
 
 from ..headers import HeaderSection, parse_header_section
-from ..pipeline import Action, Message, Stage, Verdict
+from ..pipeline import Action, AuthFacts, ClientFacts, Message, Stage, Verdict
 from .arc_verify import ARC_FIELDS, NO_ARC, ArcResult, verify_arc
 from .dkim_sign import sign
 from .dkim_verify import DkimResult, verify_dkim
@@ -125,11 +125,22 @@ class InboundAuthentication(_AuthStage):
         dmarc = await check_dmarc(
             self.checks.resolver, from_domain(content, header_size), spf, dkim
         )
-        header = render_header(self.authserv_id, clauses(spf, dkim, arc, dmarc))
+        header = render_header(
+            self.authserv_id,
+            [*iprev_clause(message.client, message.client_ip), *clauses(spf, dkim, arc, dmarc)],
+        )
+        message.auth = AuthFacts(
+            spf=spf.result,
+            spf_domain=spf.domain,
+            dkim=tuple((sig.domain, sig.result) for sig in dkim),
+            dmarc=dmarc.result,
+            from_domain=dmarc.from_domain,
+            dmarc_disposition=dmarc.disposition,
+        )
         snapshot = self.routing.snapshot
         policy = effective_policy(
             self.settings,
-            [snapshot.domain(rcpt.rpartition("@")[2]) for rcpt in message.recipients],
+            snapshot.recipient_domains(message.recipients),
         )
         return decide(policy, spf, dkim, dmarc, message.client_ip, (header,))
 
@@ -169,6 +180,18 @@ def decide(
         if dmarc.disposition == "quarantine":
             return Verdict(Action.QUARANTINE, headers, None, "dmarc p=quarantine")
     return Verdict(Action.ACCEPT, headers)
+
+
+def iprev_clause(client: ClientFacts, client_ip: str) -> list[Clause]:
+    """The reverse-name check the session made (screening/rdns.py), as RFC 8601 §2.7.3
+    reports it: `iprev=pass (name) policy.iprev=ip` (the property IANA registers for iprev);
+    nothing when client_rdns is off."""
+    if client.iprev is None:
+        return []
+    return [
+        Clause("iprev", client.iprev, client.reverse_name or "",
+               properties=(("policy.iprev", client_ip),))
+    ]  # fmt: skip
 
 
 def clauses(
@@ -262,14 +285,18 @@ class SubmissionSigning(_AuthStage):
         return Verdict(headers=(header, *fields))
 
 
+def build_resolver(settings: GatewaySettings) -> DnsResolver:
+    """The process's one resolver (and cache), shared with the connection-level checks."""
+    return DnsResolver(
+        settings.dns_nameservers, settings.dns_port, settings.dns_timeout.total_seconds()
+    )
+
+
 def build_stages(
-    settings: GatewaySettings, routing: RoutingReader
+    settings: GatewaySettings, routing: RoutingReader, resolver: DnsResolver
 ) -> tuple[list[Stage], BlockingChecks]:
     """The email-authentication stages for the gateway's pipeline, and the thread pool they
     share (close it on stop)."""
-    resolver = DnsResolver(
-        settings.dns_nameservers, settings.dns_port, settings.dns_timeout.total_seconds()
-    )
     checks = BlockingChecks(resolver, settings.auth_check_threads)
     stages: list[Stage] = [SubmissionSigning(settings, routing, checks)]
     if settings.inbound_auth_checks:
