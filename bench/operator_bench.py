@@ -263,10 +263,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["operator_rss_mb"] = round(rss / 2**20)
         print(f"first start: {results}", file=sys.stderr)
 
+        # -- idle: what the operator spends with nothing changing (its timers, the periodic
+        # checks), so a change's own cost can be told from the background's ----------------
+        cpu_before, _ = operator.stats()
+        await asyncio.sleep(args.idle)  # a measurement window, not a wait for state
+        idle_cpu_per_s = (operator.stats()[0] - cpu_before) / args.idle
+        results["idle_cpu_per_s"] = round(idle_cpu_per_s, 4)
+
         # -- changes, one at a time -------------------------------------------------------
         custom = client.CustomObjectsApi(plane.api_client())
         latencies = []
+        profiler = None
+        if args.py_spy:
+            profiler = await asyncio.create_subprocess_exec(
+                "py-spy", "record", "--pid", str(operator.process.pid), "--rate", "200",
+                "--format", "raw", "--output", args.py_spy,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
         cpu_before, _ = operator.stats()
+        changes_start = now()
         for i in range(args.changes):
             user = f"u{(i * 7919) % args.users}"
             domain = f"d{(i * 7919) % args.users % args.domains}.example.test"
@@ -285,12 +300,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await until(has_alias, 60, f"change {i}", interval=0.01)
             latencies.append(now() - t)
         cpu_after, rss = operator.stats()
+        changes_s = now() - changes_start
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)
+            await asyncio.wait_for(profiler.wait(), 60)
         latencies.sort()
         results["change_p50_s"] = round(statistics.median(latencies), 3)
         results["change_p99_s"] = round(latencies[min(len(latencies) - 1,
                                                       int(len(latencies) * 0.99))], 3)  # fmt: skip
         results["change_max_s"] = round(latencies[-1], 3)
-        results["cpu_per_change_s"] = round((cpu_after - cpu_before) / args.changes, 3)
+        results["cpu_per_change_s"] = round((cpu_after - cpu_before) / args.changes, 4)
+        # less the background's CPU over the same time (idle_cpu_per_s)
+        net = cpu_after - cpu_before - idle_cpu_per_s * changes_s
+        results["cpu_per_change_net_s"] = round(net / args.changes, 4)
         results["operator_rss_after_changes_mb"] = round(rss / 2**20)
         # the last change's status too, before the restart
         await until(statuses, args.timeout, "statuses after the changes", 2)
@@ -372,9 +394,22 @@ def main() -> None:
     )
     parser.add_argument("--changes", type=int, default=100)
     parser.add_argument("--timeout", type=float, default=1800)
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=20,
+        help="seconds of no change in which the background CPU is measured",
+    )
+    parser.add_argument(
+        "--py-spy",
+        metavar="FILE",
+        help="profile the operator during the changes (py-spy raw output)",
+    )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     results = asyncio.run(run(args))
+    results["load_average_start_end"] = f"{load_before:.2f} / {os.getloadavg()[0]:.2f}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, cwd=ROOT, check=False).stdout.strip()  # fmt: skip
     results["machine"] = f"{platform.node()} {os.cpu_count()} CPU {platform.machine()}"
