@@ -31,7 +31,7 @@ from mailkube_core.routing import RoutingStore  # noqa: E402
 from mailkube_core.routing.dkim_keys import generate  # noqa: E402
 from mailkube_core.settings import OperatorSettings  # noqa: E402
 from mailkube_operator.kube import Kube  # noqa: E402
-from mailkube_operator.publish import Indexes, Reconciler  # noqa: E402
+from mailkube_operator.reconciler import Indexes, Reconciler  # noqa: E402
 from mailkube_operator.store import TrackedIndex  # noqa: E402
 
 

@@ -24,7 +24,7 @@ from mailkube_core.settings import OperatorSettings
 
 from .conditions import ConditionValue
 from .plan import Key
-from .publish import DnsResult, Reconciler, record_keys
+from .reconciler import DnsResult, Reconciler, record_keys
 
 log = logging.getLogger(__name__)
 

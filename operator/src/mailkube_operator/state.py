@@ -9,7 +9,7 @@ from typing import Any
 from mailkube_core.redis_client import RedisClient
 from mailkube_core.settings import OperatorSettings
 
-from .publish import Reconciler
+from .reconciler import Reconciler
 from .secrets import random_key
 from .store import Stores
 

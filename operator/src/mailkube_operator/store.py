@@ -81,7 +81,7 @@ class TrackedIndex(TrackedDict[Key, list[V]]):
 
 class Store(Generic[V]):
     """Objects of one kind by (namespace, name), as `index`: key -> [value], the shape the
-    reconciler reads (publish.Indexes), recording the keys that changed (TrackedIndex)."""
+    reconciler reads (reconciler.Indexes), recording the keys that changed (TrackedIndex)."""
 
     def __init__(self, make: Callable[[Mapping[str, Any]], V]) -> None:
         self._make = make

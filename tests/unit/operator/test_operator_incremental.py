@@ -12,7 +12,7 @@ from test_operator_reconciler import FakeKube, FakeStore, reconciler, record
 from mailkube_core.routing.dkim_keys import generate
 from mailkube_operator import plan
 from mailkube_operator.plan import ObjectRecord
-from mailkube_operator.publish import Indexes, Reconciler
+from mailkube_operator.reconciler import Indexes, Reconciler
 from mailkube_operator.store import TrackedIndex
 
 KEY = generate("ed25519-sha256")

@@ -29,7 +29,7 @@ from mailkube_operator import dkim
 from mailkube_operator.handlers import domains, lifecycle
 from mailkube_operator.kube import Kube, KubeError
 from mailkube_operator.plan import ObjectRecord
-from mailkube_operator.publish import STATUS_WRITERS, Indexes, Reconciler
+from mailkube_operator.reconciler import STATUS_WRITERS, Indexes, Reconciler
 from mailkube_operator.state import OperatorState
 
 

@@ -24,7 +24,7 @@ from mailkube_core.suspensions import (
 )
 from mailkube_operator.kube import Kube, KubeError
 from mailkube_operator.plan import ObjectRecord
-from mailkube_operator.publish import Reconciler
+from mailkube_operator.reconciler import Reconciler
 from mailkube_operator.suspensions import LIFT_ANNOTATION, SuspensionState, check_loop
 
 PREFIX = "mailkube"

@@ -1,5 +1,5 @@
 """MailDomain: kept in the store, and re-publishing on every change. The reconciler does the
-rest, DKIM keys included (publish.Reconciler._ensure_dkim_keys): it sees every change of a
+rest, DKIM keys included (reconciler.Reconciler._ensure_dkim_keys): it sees every change of a
 MailDomain and of its DKIM Secret, so a key lost with its Secret is made again."""
 
 from __future__ import annotations

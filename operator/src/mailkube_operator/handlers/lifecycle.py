@@ -22,7 +22,7 @@ from .. import dane, dnscheck, suspensions
 from ..kube import Kube, KubeError, configuration_from
 from ..login import connection_info, follow_token_file, token_file
 from ..models import DOMAINS, GROUP, USERS
-from ..publish import Indexes, Reconciler
+from ..reconciler import Indexes, Reconciler
 from ..secrets import fingerprint_key, hashes_key, random_key
 from ..state import OperatorState, state_of
 
