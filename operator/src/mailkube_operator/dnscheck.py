@@ -12,9 +12,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import dns.asyncresolver
 import dns.exception
@@ -24,7 +24,9 @@ from mailkube_core.settings import OperatorSettings
 
 from .conditions import ConditionValue
 from .plan import Key
-from .reconciler import DnsResult, Reconciler, record_keys
+
+if TYPE_CHECKING:  # the reconciler imports DnsResult from here
+    from .reconciler import Reconciler
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,21 @@ CONCURRENCY = 8
 #: TXT records of which a name must hold only one (RFC 7208 §4.5, RFC 7489 §6.6.3)
 _SINGLE = {"spf": ("v=spf1", "SPF"), "dmarc": ("v=DMARC1", "DMARC"),
            "mta-sts": ("v=STSv1", "MTA-STS"), "tls-rpt": ("v=TLSRPTv1", "TLS-RPT")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DnsResult:
+    """What the DNS check found for the records it checked, and when (time.monotonic)."""
+
+    records: tuple[tuple[str, str, str], ...]
+    value: ConditionValue
+    checked_at: float = field(default=0.0, compare=False)
+    #: the records found published as listed
+    seen: frozenset[tuple[str, str, str]] = frozenset()
+
+
+def record_keys(records: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+    return tuple((str(r.get("type")), str(r.get("name")), str(r.get("value"))) for r in records)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from . import dkim, rotation
 from .conditions import ConditionValue, find, is_true, set_condition
 from .dane import DaneKeys, tlsa_records
 from .dkim import PublishedKey, keys_from_secret, secret_name, wanted_keys
+from .dnscheck import DnsResult, record_keys
 from .dnsrecords import dns_records
 from .kube import Kube, KubeError
 from .models import DOMAINS, USERS, DkimRotationSpec, MailDomainSpec, MailUserSpec
@@ -71,21 +72,6 @@ STATUS_WRITERS = 8
 #: conditions whose changes are posted as Events -> the status that is a failure (a Warning).
 #: Getting out of it is a Normal Event; for Ready and DNSVerified, so is turning True at all.
 EVENT_CONDITIONS = {"Ready": "False", "DNSVerified": "False", SUBMISSION_SUSPENDED: "True"}
-
-
-@dataclass(frozen=True)
-class DnsResult:
-    """What the DNS check found for the records it checked, and when (time.monotonic)."""
-
-    records: tuple[tuple[str, str, str], ...]
-    value: ConditionValue
-    checked_at: float = field(default=0.0, compare=False)
-    #: the records found published as listed
-    seen: frozenset[tuple[str, str, str]] = frozenset()
-
-
-def record_keys(records: Iterable[Mapping[str, Any]]) -> tuple[tuple[str, str, str], ...]:
-    return tuple((str(r.get("type")), str(r.get("name")), str(r.get("value"))) for r in records)
 
 
 @dataclass
