@@ -12,9 +12,9 @@ that started after it. A reconcile:
 4. publishes the routing table's entries that differ from the ones last published (on the
    first reconcile, and after the table in Redis moved behind our back: those that differ
    from the ones stored): atomic and versioned, by RoutingStore;
-5. patches the status of each object whose desired status moved, and posts an Event when an
-   object's Ready (or a MailDomain's DNSVerified) condition changes: a Warning for every
-   failure, a Normal one on the way back.
+5. patches the status of each object whose desired status (made by status.py, from values)
+   moved, and posts an Event when an object's Ready (or a MailDomain's DNSVerified) condition
+   changes: a Warning for every failure, a Normal one on the way back.
 
 A failure (Redis or the API unreachable, an API error) sets the conditions it can, and
 schedules one retry after `retry_delay`; nothing retries in a hot loop. `check_redis`, run
@@ -37,12 +37,11 @@ from mailkube_core.redis_client import RedisClient
 from mailkube_core.routing import DomainEntry, RoutingStore, TableGlobals, VersionConflict
 from mailkube_core.settings import OperatorSettings
 
-from . import dkim, rotation
-from .conditions import ConditionValue, find, is_true, set_condition
-from .dane import DaneKeys, tlsa_records
+from . import conditions, dkim, rotation
+from .conditions import ConditionValue, find, is_true
+from .dane import DaneKeys
 from .dkim import PublishedKey, keys_from_secret, secret_name, wanted_keys
-from .dnscheck import DnsResult, record_keys
-from .dnsrecords import dns_records
+from .dnscheck import DnsResult
 from .kube import Kube, KubeError
 from .models import DOMAINS, USERS, DkimRotationSpec, MailDomainSpec, MailUserSpec
 from .plan import (
@@ -56,7 +55,7 @@ from .plan import (
     build,
 )
 from .secrets import SecretValues
-from .spam import effective
+from .status import dns_checked, domain_status, user_status
 from .store import TrackedDict, TrackedIndex
 from .suspensions import (
     LIFT_ANNOTATION,
@@ -974,7 +973,10 @@ class Reconciler:
                 if isinstance(outcome, DomainOutcome):
                     status = self._domain_status(record, base, outcome, publish_error)
                 else:
-                    status = self._user_status(record, base, outcome, publish_error)
+                    status = user_status(
+                        record, base, outcome, publish_error=publish_error,
+                        suspensions=self.suspensions, at=conditions.now(),
+                    )  # fmt: skip
                 if {key: base.get(key) for key in status} == status:
                     self._written(step)
                     self._settled[step] = inputs
@@ -1060,123 +1062,27 @@ class Reconciler:
         outcome: DomainOutcome,
         publish_error: str | None,
     ) -> dict[str, Any]:
-        gen = record.generation
-        values: dict[str, ConditionValue] = {}
-        if outcome.rejected is not None:
-            values["Published"] = ConditionValue(
-                "False", outcome.rejected.reason, outcome.rejected.message
-            )
-        elif publish_error is not None:
-            values["Published"] = ConditionValue("False", "RedisUnavailable", publish_error)
-        else:
-            values["Published"] = ConditionValue(
-                "True", "Published", f"{outcome.domain} is in the routing table"
-            )
-        signing = [k.key.selector for k in outcome.keys if k.key.signing]
-        wanted = (
-            self._signing_wanted.get(record.key)
-            or wanted_keys(outcome.spec.dkim.selector, outcome.spec.dkim.algorithm)
-            if outcome.spec
-            else []
-        )
-        if record.key in self.dkim_errors:
-            values["DKIMKeyReady"] = ConditionValue(
-                "False", "DKIMSecretFailed", self.dkim_errors[record.key]
-            )
-        elif wanted and len(signing) >= len(wanted):
-            values["DKIMKeyReady"] = ConditionValue(
-                "True", "KeysReady", f"signing with selector {', '.join(signing)}"
-            )
-        else:
-            values["DKIMKeyReady"] = ConditionValue(
-                "False", "KeysPending", f"waiting for the keys in Secret {secret_name(record.name)}"
-            )
-        records = (
-            [r.dump() for r in dns_records(
-                outcome.domain, outcome.spec, self.settings.mx_hostname(), outcome.keys,
-                mta_sts_host_target=self.settings.mta_sts_host_target,
-                tlsa=tlsa_records(self.settings.mx_hostname(), self.dane_keys))]
-            if outcome.spec is not None and outcome.domain is not None
-            else []
+        result = domain_status(
+            record, base, outcome, settings=self.settings, publish_error=publish_error,
+            dkim_error=self.dkim_errors.get(record.key),
+            signing_wanted=self._signing_wanted.get(record.key),
+            rotation_condition=self.dkim_rotation.get(record.key),
+            dns=self.dns_results.get(record.key), dane_keys=self.dane_keys, at=conditions.now(),
         )  # fmt: skip
-        values["DNSVerified"] = self._dns_verified(record.key, records)
-        if record.key in self.dkim_rotation and outcome.published:
-            values[rotation.CONDITION] = self.dkim_rotation[record.key]
-        failing = [v for k, v in values.items()
-                   if k in ("Published", "DKIMKeyReady") and v.status != "True"]  # fmt: skip
-        if outcome.warning is not None:
-            failing.append(ConditionValue("False", outcome.warning.reason, outcome.warning.message))
-        values["Ready"] = (
-            ConditionValue("False", failing[0].reason, failing[0].message)
-            if failing
-            else ConditionValue("True", "Ready", f"serving {outcome.domain}")
-        )
-        return {
-            "observedGeneration": gen,
-            "domain": outcome.domain if outcome.published else base.get("domain"),
-            "conditions": self._conditions(record, base, values),
-            "users": outcome.users,
-            "dkimSecret": secret_name(record.name),
-            "dnsRecords": records,
-            "spam": effective(outcome.spec.spam, self.settings).dump() if outcome.spec else None,
-        }
+        self._want_dns_check(record.key, result["dnsRecords"])
+        return result
 
-    def _dns_verified(self, key: Key, records: list[dict[str, Any]]) -> ConditionValue:
+    def _want_dns_check(self, key: Key, records: list[dict[str, Any]]) -> None:
+        """Hand the records the status lists to the DNS check (dnscheck.check_loop), waking
+        it when they are not the ones it checked."""
         if not self.settings.dns_check_interval:
-            return ConditionValue(
-                "Unknown", "CheckDisabled", "the DNS check is off (dns_check_interval)"
-            )
+            return
         if not records:
             self.dns_wanted.pop(key, None)
-            return ConditionValue("Unknown", "Pending", "no records to check")
+            return
         self.dns_wanted[key] = records
-        result = self.dns_results.get(key)
-        if result is None or result.records != record_keys(records):
+        if not dns_checked(records, self.dns_results.get(key)):
             self.dns_wake.set()
-            return ConditionValue("Unknown", "Pending", "not checked yet")
-        return result.value
-
-    def _user_status(
-        self,
-        record: ObjectRecord,
-        base: dict[str, Any],
-        outcome: UserOutcome,
-        publish_error: str | None,
-    ) -> dict[str, Any]:
-        if outcome.problem is not None:
-            ready = ConditionValue("False", outcome.problem.reason, outcome.problem.message)
-        elif publish_error is not None:
-            ready = ConditionValue("False", "RedisUnavailable", publish_error)
-        elif not outcome.can_login:
-            ready = ConditionValue(
-                "True",
-                "Published",
-                "in the routing table; cannot log in (no password or suspended)",
-            )
-        else:
-            ready = ConditionValue("True", "Published", "in the routing table")
-        values = {"Ready": ready}
-        suspended = self.suspensions.condition(
-            record.key, outcome.address, list(base.get("conditions") or [])
-        )
-        if suspended is not None:
-            values[SUBMISSION_SUSPENDED] = suspended
-        return {
-            "observedGeneration": record.generation,
-            "conditions": self._conditions(record, base, values),
-            "mailbox": outcome.mailbox,
-        }
-
-    @staticmethod
-    def _conditions(
-        record: ObjectRecord, base: dict[str, Any], values: Mapping[str, ConditionValue]
-    ) -> list[dict[str, Any]]:
-        conditions: list[dict[str, Any]] = list(base.get("conditions") or [])
-        for type_, value in values.items():
-            conditions = set_condition(
-                conditions, type_, value.status, value.reason, value.message, record.generation
-            )
-        return conditions
 
     async def _apply(
         self, plural: str, record: ObjectRecord, base: dict[str, Any], status: dict[str, Any]
