@@ -8,7 +8,8 @@ that started after it. A reconcile:
    reconcile after a start or resume sees everything and publishes the full table);
 2. refreshes password hashes and relay credentials whose Secrets changed;
 3. builds the plan (plan.build), and makes the DKIM keys a served domain lacks (creating its
-   Secret, or adding the keys of a new selector; never overwriting one), then plans again;
+   Secret, or adding the keys of a new selector; never overwriting one) or takes its DKIM
+   rotation's step (dkim_keys.DkimKeys), then plans again;
 4. publishes the routing table's entries that differ from the ones last published (on the
    first reconcile, and after the table in Redis moved behind our back: those that differ
    from the ones stored): atomic and versioned, by RoutingStore;
@@ -31,19 +32,20 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, cast
 
 from mailkube_core.redis_client import RedisClient
 from mailkube_core.routing import DomainEntry, RoutingStore, TableGlobals, VersionConflict
 from mailkube_core.settings import OperatorSettings
 
-from . import conditions, dkim, rotation
-from .conditions import ConditionValue, find, is_true
+from . import conditions
+from .conditions import find, is_true
 from .dane import DaneKeys
-from .dkim import PublishedKey, keys_from_secret, secret_name, wanted_keys
+from .dkim_keys import DkimKeys
 from .dnscheck import DnsResult
 from .kube import Kube, KubeError
-from .models import DOMAINS, USERS, DkimRotationSpec, MailDomainSpec, MailUserSpec
+from .models import DOMAINS, USERS, MailDomainSpec, MailUserSpec
 from .plan import (
     DomainOutcome,
     Key,
@@ -149,10 +151,6 @@ class _Applied:
             return True
 
 
-#: a DKIM Secret's data, spec.dkim, and the keys parsed from it
-_ParsedKeys = tuple[dict[str, str], Any, list[PublishedKey]]
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -168,12 +166,6 @@ class Reconciler:
     #: the gateway's submission suspensions, as last read (suspensions.check_loop)
     suspensions: SuspensionState = field(default_factory=SuspensionState)
     secrets: SecretValues = field(default_factory=SecretValues)
-    #: MailDomain key -> why its DKIM keys could not be made
-    dkim_errors: dict[Key, str] = field(default_factory=dict)
-    #: MailDomain key -> its DKIMRotation condition (rotation.py), when it has one
-    dkim_rotation: dict[Key, ConditionValue] = field(default_factory=dict)
-    #: MailDomain key -> when its rotation has a timed step (a reconcile is planned for then)
-    rotation_due: dict[Key, datetime] = field(default_factory=dict)
     clock: Callable[[], datetime] = _now
     #: a step that failed (DKIM keys or status of an object) -> when it may be tried again
     not_before: dict[tuple[str, Key], float] = field(default_factory=dict)
@@ -203,9 +195,9 @@ class Reconciler:
     healthy: bool = False
     reconciles: int = 0
     _applied: dict[tuple[str, Key], _Applied] = field(default_factory=dict)
-    #: MailDomain -> its DKIM Secret's data, the keys wanted, and the keys parsed from it (an
-    #: RSA key takes ~30 ms to parse: each Secret's are parsed once per content, not per plan)
-    _dkim_parsed: dict[Key, _ParsedKeys] = field(default_factory=dict)
+    #: the DKIM-keys step, made at construction: it shares settings, kube, clock, not_before
+    #: and dns_results (none of them is to be replaced afterwards)
+    dkim_keys: DkimKeys = field(init=False)
     #: each object's spec as last checked, and the table entries made (plan.PlanCache)
     _plan_cache: PlanCache = field(default_factory=PlanCache)
     #: object -> what its status was last found right for (_status_inputs): with the same
@@ -223,13 +215,6 @@ class Reconciler:
     #: MailUser -> its resourceVersion in the index when its lift annotation was handled: while
     #: the index still shows that version, the annotation it shows is already gone
     _lift_handled: dict[Key, str] = field(default_factory=dict)
-    #: MailDomain -> the keys that sign (the active generation's, or spec.dkim's)
-    _signing_wanted: dict[Key, list[dkim.WantedKey]] = field(default_factory=dict)
-    #: MailDomain -> its resourceVersion when its rotate annotation was handled
-    _rotate_handled: dict[Key, str] = field(default_factory=dict)
-    #: MailDomains whose DKIM step must be looked at again even when nothing changed (keys
-    #: missing or failed, a rotation under way): all a reconcile of changed users visits
-    _dkim_watch: set[Key] = field(default_factory=set)
     #: the next reconcile walks every object (the first, and after a failure or a bug)
     _full_next: bool = True
     #: what every MailDomain's status was last worked out with (the publish error, the
@@ -246,6 +231,11 @@ class Reconciler:
 
     def __post_init__(self) -> None:
         self.secrets.retry_delay = self.settings.retry_delay.total_seconds()
+        self.dkim_keys = DkimKeys(
+            settings=self.settings, kube=self.kube, event=self._event,
+            indexed=self._indexed_dkim_secret, written_status=partial(self._base_status, DOMAINS),
+            dns_results=self.dns_results, not_before=self.not_before, clock=self.clock,
+        )  # fmt: skip
 
     def _may_try(self, step: tuple[str, Key]) -> bool:
         return time.monotonic() >= self.not_before.get(step, 0.0)
@@ -317,7 +307,7 @@ class Reconciler:
 
     def _schedule_due(self) -> None:
         """One reconcile when the earliest timed rotation step is due."""
-        due = min(self.rotation_due.values(), default=None)
+        due = min(self.dkim_keys.rotation_due.values(), default=None)
         if due == self._due_at and (due is None or self._due_task is not None):
             return
         if self._due_task is not None and self._due_task is not asyncio.current_task():
@@ -357,13 +347,17 @@ class Reconciler:
             )
         fresh: dict[Key, dict[str, str]] = {}
         plan = self._plan(domains, users, known, fresh, changed)
-        watch = None if changed is None else set(self._dkim_watch)
-        if await self._ensure_dkim_keys(domains, plan, fresh, watch):
+        # no MailDomain or Secret changed: only the DKIM steps pending are looked at
+        watch = None if changed is None else set(self.dkim_keys.watch)
+        dkim_domains = domains if watch is None else [
+            r for key in watch if (r := _first(self.indexes.domains, key)) is not None
+        ]  # fmt: skip
+        if await self.dkim_keys.ensure(dkim_domains, plan, fresh):
             users = users if users is not None else _all(self.indexes.users)
             first, plan = plan, self._plan(domains, users, known, fresh, None)
             if plan.redone is not None:  # the users either plan redid
                 plan.redone = None if first.redone is None else first.redone | plan.redone
-        failed = failed or any(key in plan.domains for key in self.dkim_errors)
+        failed = failed or any(key in plan.domains for key in self.dkim_keys.errors)
         if users is None and changed is not None:
             index = self.indexes.users
             lifting = [r for r in changed.values() if r is not None] + [
@@ -382,8 +376,9 @@ class Reconciler:
             and (context == self._domains_context)
         ):  # only the MailDomains whose verdict, DKIM step or DNS check may have moved
             index = self.indexes.domains
-            keys = (plan.redone_domains | (watch or set()) | self._dkim_watch | dns_changed
-                    | set(self.dkim_errors) | set(self.dkim_rotation))  # fmt: skip
+            dkim_keys = self.dkim_keys
+            keys = (plan.redone_domains | (watch or set()) | dkim_keys.watch | dns_changed
+                    | set(dkim_keys.errors) | set(dkim_keys.rotation_conditions))  # fmt: skip
             status_domains = [r for key in keys if (r := _first(index, key)) is not None]
         else:
             status_domains = domains
@@ -434,7 +429,7 @@ class Reconciler:
             changed_users=changed,
             passwords=lambda ns, ref: self.secrets.password(ns, ref, known),
             relay=lambda ns, ref: self.secrets.relay(ns, ref, known),
-            dkim=lambda record, spec: self._dkim_keys(record, spec, fresh),
+            dkim=lambda record, spec: self.dkim_keys.keys(record, spec, fresh),
             mx_hostname=self.settings.mx_hostname(),
             tls_policies=self.settings.tls_policies,
             cache=self._plan_cache,
@@ -493,244 +488,6 @@ class Reconciler:
                 except KubeError:  # logged by SecretValues, named in the domain's status
                     failed = True
         return failed
-
-    def _dkim_data(self, record: ObjectRecord, fresh: Mapping[Key, dict[str, str]]) -> Any:
-        key = (record.namespace, secret_name(record.name))
-        if key in fresh:
-            return fresh[key]
-        assert self.indexes is not None
-        return _first(self.indexes.dkim_secrets, key)
-
-    def _dkim_keys(
-        self, record: ObjectRecord, spec: MailDomainSpec, fresh: Mapping[Key, dict[str, str]]
-    ) -> list[PublishedKey]:
-        data = self._dkim_data(record, fresh)
-        if not data:
-            self._dkim_parsed.pop(record.key, None)
-            self._signing_wanted.pop(record.key, None)
-            return []
-        cached = self._dkim_parsed.get(record.key)
-        if cached is not None and cached[0] == data:
-            if cached[1] is spec.dkim:
-                return cached[2]
-            if cached[1] == spec.dkim:  # equal: compared by identity next time
-                self._dkim_parsed[record.key] = (cached[0], spec.dkim, cached[2])
-                return cached[2]
-        state = rotation.load_state(data)
-        if state is None:
-            wanted = wanted_keys(spec.dkim.selector, spec.dkim.algorithm)
-            keys = keys_from_secret(data, wanted)
-        else:
-            wanted = state.active.dkim_keys()
-            keys = _rotation_keys(keys_from_secret(data, wanted), state, spec)
-        self._signing_wanted[record.key] = wanted
-        self._dkim_parsed[record.key] = (dict(data), spec.dkim, keys)
-        return keys
-
-    async def _ensure_dkim_keys(
-        self,
-        domains: list[ObjectRecord],
-        plan: Plan,
-        fresh: dict[Key, dict[str, str]],
-        only: set[Key] | None = None,
-    ) -> bool:
-        """Make the keys each served MailDomain lacks (its Secret read through the API: the
-        index may lag behind our own writes); whether any Secret was read or written.
-        `only`: no MailDomain or Secret changed, look only at these (_dkim_watch)."""
-        changed = False
-        if only is not None:
-            assert self.indexes is not None
-            index = self.indexes.domains
-            domains = [r for key in list(only) if (r := _first(index, key)) is not None]
-        watch = self._dkim_watch
-        for record in domains:
-            watch.discard(record.key)
-            outcome = plan.domains.get(record.key)
-            if outcome is None or outcome.spec is None or not outcome.published:
-                self.dkim_errors.pop(record.key, None)
-                continue
-            have = self._dkim_data(record, fresh) or {}
-            step = self._rotation_step(record, outcome, have)
-            if step.state is not None:
-                watch.add(record.key)
-                changed = await self._rotate(record, outcome, step, have, fresh) or changed
-                continue
-            self.dkim_rotation.pop(record.key, None)
-            self.rotation_due.pop(record.key, None)
-            wanted = wanted_keys(outcome.spec.dkim.selector, outcome.spec.dkim.algorithm)
-            if all(w.data_key in have for w in wanted):
-                self.dkim_errors.pop(record.key, None)
-                continue
-            watch.add(record.key)
-            secret = secret_name(record.name)
-            if not self._may_try(("dkim", record.key)):
-                continue  # failed a moment ago: the scheduled retry tries again
-            try:
-                fresh[(record.namespace, secret)] = await self._ensure_secret(record, wanted)
-            except KubeError as exc:
-                log.warning("%s: DKIM Secret %s: %s", record, secret, exc)
-                self.dkim_errors[record.key] = f"Secret {secret}: {exc}"
-                self._failed(("dkim", record.key))
-            else:
-                self.dkim_errors.pop(record.key, None)
-                self.not_before.pop(("dkim", record.key), None)
-                changed = True
-        return changed
-
-    def _rotation_step(
-        self, record: ObjectRecord, outcome: DomainOutcome, data: Mapping[str, str]
-    ) -> rotation.Step:
-        assert outcome.spec is not None
-        assert outcome.domain is not None
-        spec, domain = outcome.spec, outcome.domain
-        requested = (
-            rotation.ROTATE_ANNOTATION in record.annotations
-            and self._rotate_handled.get(record.key) != record.resource_version
-        )
-        if spec.dkim.rotation is None and not requested and rotation.STATE_KEY not in data:
-            return rotation.Step(state=None)  # the legacy rules, at no cost
-        now = self.clock()
-        published = {k.key.selector: k.record for k in outcome.keys}
-        dns = self.dns_results.get(record.key)
-
-        def name(selector: str) -> str:
-            return f"{selector}._domainkey.{domain}."
-
-        def missing(selectors: list[str]) -> list[str]:
-            seen = dns.seen if dns is not None else frozenset()
-            return [name(s) for s in selectors
-                    if ("TXT", name(s), published.get(s, "")) not in seen]  # fmt: skip
-
-        def wait(gen: rotation.Generation) -> rotation.Wait | None:
-            base = self._base_status(DOMAINS, record)
-            listed = {(str(r.get("name")), str(r.get("value")))
-                      for r in base.get("dnsRecords") or []
-                      if r.get("purpose") == "dkim"}  # fmt: skip
-            is_listed = all(
-                s in published and (name(s), published[s]) in listed for s in gen.selectors()
-            )
-            return rotation.propagation_wait(
-                gen, now=now, rotation=spec.dkim.rotation, listed=is_listed,
-                dns_check=bool(self.settings.dns_check_interval), dns_missing=missing,
-            )  # fmt: skip
-
-        return rotation.advance(
-            rotation.load_state(dict(data)), spec.dkim, data_keys=set(data), now=now,
-            requested=requested, published=wait,
-        )  # fmt: skip
-
-    async def _rotate(
-        self,
-        record: ObjectRecord,
-        outcome: DomainOutcome,
-        step: rotation.Step,
-        have: Mapping[str, str],
-        fresh: dict[Key, dict[str, str]],
-    ) -> bool:
-        """Carry out a rotation step: make the keys it needs, remove the retired ones and keep
-        its state, in one write of the DKIM Secret (read through the API first: the index may
-        lag behind our own writes); then its Events. Whether the Secret was written."""
-        assert step.state is not None
-        secret = secret_name(record.name)
-        if not self._needs_write(step, have) and not step.annotation_handled:
-            self._rotation_done(record, step)
-            self.dkim_errors.pop(record.key, None)
-            return False
-        if not self._may_try(("dkim", record.key)):
-            self.rotation_due.pop(record.key, None)
-            return False  # failed a moment ago: the scheduled retry tries again
-        wrote = False
-        try:
-            current = await self.kube.read_secret_data(record.namespace, secret)
-            data = dkim.decode_data(current) if current is not None else {}
-            if data != dict(have):
-                step = self._rotation_step(record, outcome, data)  # the index was behind
-                assert step.state is not None
-            if self._needs_write(step, data):
-                assert step.state is not None
-                new = await asyncio.to_thread(dkim.missing_keys, data, step.needed)
-                changes: dict[str, str | None] = {
-                    **new, rotation.STATE_KEY: step.state.dump(),
-                    **dict.fromkeys(step.remove),
-                }  # fmt: skip
-                if current is None:
-                    body = dkim.secret_body(
-                        namespace=record.namespace, domain_name=record.name,
-                        domain_uid=record.uid,
-                        data={k: v for k, v in changes.items() if v is not None},
-                    )  # fmt: skip
-                    await self.kube.create_secret(record.namespace, body)
-                    message = f"generated DKIM keys {', '.join(new)} into Secret {secret}"
-                    await self._event(record, "Normal", "DKIMKeyCreated", message)
-                else:
-                    encoded = {k: None if v is None else dkim.b64(v) for k, v in changes.items()}
-                    await self.kube.patch_secret_data(record.namespace, secret, encoded)
-                data = {k: v for k, v in {**data, **changes}.items() if v is not None}
-                fresh[(record.namespace, secret)] = data
-                wrote = True
-            for reason, message in step.events:
-                await self._event(record, "Normal", reason, message)
-            if step.annotation_handled:
-                await self.kube.remove_annotation(
-                    DOMAINS, record.namespace, record.name, rotation.ROTATE_ANNOTATION
-                )
-                self._rotate_handled[record.key] = record.resource_version
-        except KubeError as exc:
-            log.warning("%s: DKIM Secret %s: %s", record, secret, exc)
-            self.dkim_errors[record.key] = f"Secret {secret}: {exc}"
-            self._failed(("dkim", record.key))
-            self.rotation_due.pop(record.key, None)  # the retry after retry_delay covers it
-            return wrote
-        self.dkim_errors.pop(record.key, None)
-        self.not_before.pop(("dkim", record.key), None)
-        self._rotation_done(record, step)
-        return wrote
-
-    @staticmethod
-    def _needs_write(step: rotation.Step, data: Mapping[str, str]) -> bool:
-        assert step.state is not None
-        return (
-            bool(step.remove)
-            or any(w.data_key not in data for w in step.needed)
-            or data.get(rotation.STATE_KEY) != step.state.dump()
-        )
-
-    def _rotation_done(self, record: ObjectRecord, step: rotation.Step) -> None:
-        if step.condition is not None:
-            self.dkim_rotation[record.key] = step.condition
-        if step.due is not None:
-            # a step due now has been taken: what is still due later waits for something else
-            self.rotation_due[record.key] = max(step.due, self.clock() + rotation.LISTING_RECHECK)
-        else:
-            self.rotation_due.pop(record.key, None)
-
-    async def _ensure_secret(
-        self, record: ObjectRecord, wanted: list[dkim.WantedKey]
-    ) -> dict[str, str]:
-        """Create the DKIM Secret or add the missing keys; its data (decoded) afterwards."""
-        secret = secret_name(record.name)
-        data = await self.kube.read_secret_data(record.namespace, secret)
-        if data is None:
-            new = await asyncio.to_thread(dkim.missing_keys, {}, wanted)
-            body = dkim.secret_body(
-                namespace=record.namespace, domain_name=record.name, domain_uid=record.uid,
-                data=new,
-            )  # fmt: skip
-            await self.kube.create_secret(record.namespace, body)
-            message = f"generated DKIM keys {', '.join(new)} into Secret {secret}"
-            await self._event(record, "Normal", "DKIMKeyCreated", message)
-            return new
-        current = dkim.decode_data(data)
-        new = await asyncio.to_thread(dkim.missing_keys, current, wanted)
-        if new:
-            encoded = dkim.secret_body(
-                namespace=record.namespace, domain_name=record.name, domain_uid=record.uid,
-                data=new,
-            )["data"]  # fmt: skip
-            await self.kube.patch_secret_data(record.namespace, secret, encoded)
-            message = f"added DKIM keys {', '.join(new)} to Secret {secret}"
-            await self._event(record, "Normal", "DKIMKeyAdded", message)
-        return {**current, **new}
 
     async def _publish(self, plan: Plan) -> str | None:
         """Write the entries that changed since the last publish, and drop the domains gone;
@@ -906,17 +663,11 @@ class Reconciler:
             for user_key in [k for k in self._settled_users if gone(USERS, k)]:
                 del self._settled_users[user_key]
             self._unsettled_users.intersection_update(user_keys or ())
-        self._dkim_watch.intersection_update(domain_keys)
+        self.dkim_keys.forget_gone(domain_keys)
         for domain_key in [k for k in self.dns_results if k not in domain_keys]:
             del self.dns_results[domain_key]
         for domain_key in [k for k in self.dns_wanted if k not in domain_keys]:
             del self.dns_wanted[domain_key]
-        for domain_key in [k for k in self.dkim_errors if k not in domain_keys]:
-            del self.dkim_errors[domain_key]
-        for cache in (self._dkim_parsed, self._signing_wanted, self._rotate_handled,
-                      self.dkim_rotation, self.rotation_due):  # fmt: skip
-            for domain_key in [k for k in cache if k not in domain_keys]:
-                del cache[domain_key]
 
     # -- status ---------------------------------------------------------------------------
 
@@ -1033,8 +784,9 @@ class Reconciler:
         its resourceVersion stands for)."""
         common = (record.uid, record.resource_version, outcome, publish_error)
         if isinstance(outcome, DomainOutcome):
-            return (*common, self.dkim_errors.get(record.key), self.dns_results.get(record.key),
-                    self.dkim_rotation.get(record.key), self.dane_keys)  # fmt: skip
+            dkim_keys = self.dkim_keys
+            return (*common, dkim_keys.errors.get(record.key), self.dns_results.get(record.key),
+                    dkim_keys.rotation_conditions.get(record.key), self.dane_keys)  # fmt: skip
         known = self.suspensions.known
         suspension = known.get(outcome.address) if known and outcome.address else None
         return (*common, known is None, suspension, self.suspensions.lifted.get(record.key))
@@ -1044,6 +796,11 @@ class Reconciler:
         self.not_before.pop(step, None)
         if step[0] == USERS:
             self.suspensions.lifted.pop(step[1], None)  # the status says it now
+
+    def _indexed_dkim_secret(self, key: Key) -> dict[str, str] | None:
+        assert self.indexes is not None
+        data: dict[str, str] | None = _first(self.indexes.dkim_secrets, key)
+        return data
 
     def _base_status(self, plural: str, record: ObjectRecord) -> dict[str, Any]:
         """The object's status as last written: the index's, unless it has not seen our
@@ -1064,9 +821,9 @@ class Reconciler:
     ) -> dict[str, Any]:
         result = domain_status(
             record, base, outcome, settings=self.settings, publish_error=publish_error,
-            dkim_error=self.dkim_errors.get(record.key),
-            signing_wanted=self._signing_wanted.get(record.key),
-            rotation_condition=self.dkim_rotation.get(record.key),
+            dkim_error=self.dkim_keys.errors.get(record.key),
+            signing_wanted=self.dkim_keys.signing_wanted.get(record.key),
+            rotation_condition=self.dkim_keys.rotation_conditions.get(record.key),
             dns=self.dns_results.get(record.key), dane_keys=self.dane_keys, at=conditions.now(),
         )  # fmt: skip
         self._want_dns_check(record.key, result["dnsRecords"])
@@ -1121,34 +878,3 @@ class Reconciler:
             )  # fmt: skip
         except KubeError as exc:
             log.warning("%s: posting the event %s failed: %s", record, reason, exc)
-
-
-NEXT_NOTE = (
-    "next key: not signing yet; publish this record, the key signs once it is found "
-    "in DNS (or after propagationDelay)"
-)
-
-
-def _rotation_keys(
-    keys: list[PublishedKey], state: rotation.RotationState, spec: MailDomainSpec
-) -> list[PublishedKey]:
-    """The keys in the order status lists them (signing, next, retiring, others), the ones
-    that do not sign with a note saying why they are listed."""
-    overlap = rotation.seconds((spec.dkim.rotation or DkimRotationSpec()).overlap)
-    notes: dict[str, tuple[int, str]] = {}
-    if state.next is not None:
-        for selector in state.next.selectors():
-            notes[selector] = (1, NEXT_NOTE)
-    for old in state.retiring:
-        until = (old.since + overlap).strftime("%Y-%m-%dT%H:%M:%SZ")
-        for selector in old.selectors():
-            notes[selector] = (2, f"retiring key: no longer signs; the operator removes it at "
-                                  f"{until}, then delete this record")  # fmt: skip
-    ordered = sorted(keys, key=lambda k: 0 if k.key.signing
-                     else notes.get(k.key.selector, (3, ""))[0])  # fmt: skip
-    return [
-        k
-        if k.key.signing or k.key.selector not in notes
-        else PublishedKey(k.key, k.record, notes[k.key.selector][1])
-        for k in ordered
-    ]

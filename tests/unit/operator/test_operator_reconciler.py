@@ -109,13 +109,15 @@ def record(kind: str, name: str, spec: dict[str, Any], *, rv: str = "1",
 DOMAIN = {"domain": "example.test", "dkim": {"algorithm": "ed25519"}}
 
 
-def reconciler(domains: list[ObjectRecord], users: list[ObjectRecord]) -> Reconciler:
+def reconciler(domains: list[ObjectRecord], users: list[ObjectRecord],
+               kube: FakeKube | None = None) -> Reconciler:  # fmt: skip
     settings = OperatorSettings.model_validate(
         {"hostname": "op.example.test", "retry_delay": "30s", "log_format": "text"}
     )
     result = Reconciler(
-        settings=settings, store=cast(RoutingStore, FakeStore()), kube=cast(Kube, FakeKube())
-    )
+        settings=settings, store=cast(RoutingStore, FakeStore()),
+        kube=cast(Kube, kube or FakeKube()),
+    )  # fmt: skip
     set_index(result, domains, users)
     return result
 
@@ -416,9 +418,8 @@ class SlowStatusKube(FakeKube):
 
 async def test_statuses_are_written_several_at_a_time_and_no_more() -> None:
     users = [record("MailUser", f"u{n}", {"address": f"u{n}@example.test"}) for n in range(30)]
-    r = reconciler([record("MailDomain", "example", DOMAIN)], users)
     kube = SlowStatusKube()
-    r.kube = cast(Kube, kube)
+    r = reconciler([record("MailDomain", "example", DOMAIN)], users, kube)
     try:
         running = asyncio.create_task(r.request())
 
