@@ -1,6 +1,6 @@
 """MailDomain: kept in the store, and re-publishing on every change. The reconciler does the
-rest, DKIM keys included (reconciler.Reconciler._ensure_dkim_keys): it sees every change of a
-MailDomain and of its DKIM Secret, so a key lost with its Secret is made again."""
+rest, DKIM keys included (its DKIM-keys step, dkim_keys.DkimKeys.ensure): it sees every change
+of a MailDomain and of its DKIM Secret, so a key lost with its Secret is made again."""
 
 from __future__ import annotations
 
