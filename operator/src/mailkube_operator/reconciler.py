@@ -1,26 +1,30 @@
-"""The reconciler: from kopf's indexes to the routing table in Redis and every object's status.
+"""The reconciler: from the operator's indexes to the routing table in Redis and every
+object's status.
 
 Any change to a MailDomain, MailUser or referenced Secret calls `request()`. Concurrent
 requests coalesce: one reconcile runs at a time and a request is satisfied by any reconcile
 that started after it. A reconcile:
 
-1. reads the indexes (kopf fills them completely before any handler runs, so the first
-   reconcile after a start or resume sees everything and publishes the full table);
+1. reads the indexes (store.Stores, filled by a LIST of every kind before kopf watches, so
+   the first reconcile after a start sees everything and publishes the full table); when
+   they say only MailUsers changed, it looks at those alone;
 2. refreshes password hashes and relay credentials whose Secrets changed;
-3. builds the plan (plan.build), and makes the DKIM keys a served domain lacks (creating its
-   Secret, or adding the keys of a new selector; never overwriting one) or takes its DKIM
-   rotation's step (dkim_keys.DkimKeys), then plans again;
-4. publishes the routing table's entries that differ from the ones last published (on the
+3. builds the plan (plan.build), and has the DKIM-keys step (dkim_keys.DkimKeys) make the
+   keys a served domain lacks or take its rotation's step, then plans again if it did;
+4. lifts the submission suspensions asked for by annotation;
+5. publishes the routing table's entries that differ from the ones last published (on the
    first reconcile, and after the table in Redis moved behind our back: those that differ
    from the ones stored): atomic and versioned, by RoutingStore;
-5. patches the status of each object whose desired status (made by status.py, from values)
-   moved, and posts an Event when an object's Ready (or a MailDomain's DNSVerified) condition
-   changes: a Warning for every failure, a Normal one on the way back.
+6. patches the status of each object whose desired status (status.py, pure) moved, and posts
+   an Event when an object's Ready (or a MailDomain's DNSVerified) condition changes: a
+   Warning for every failure, a Normal one on the way back;
+7. forgets what it kept for objects gone.
 
 A failure (Redis or the API unreachable, an API error) sets the conditions it can, and
 schedules one retry after `retry_delay`; nothing retries in a hot loop. `check_redis`, run
 periodically, notices Redis going away (readiness), coming back, and losing or replacing the
-table (then the table is published again).
+table (then the table is published again). A DKIM rotation's timed step gets a reconcile when
+it is due.
 """
 
 from __future__ import annotations
