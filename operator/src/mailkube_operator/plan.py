@@ -245,6 +245,23 @@ def _same_outcome(old: DomainOutcome, new: DomainOutcome) -> bool:
     )
 
 
+def _parse_still_holds(
+    cached: tuple[dict[str, Any], Any, _ParsedDomain | Problem], spec: dict[str, Any], served: Any
+) -> bool:
+    """Whether a MailDomain's last parse is still its parse now. status.domain counts only
+    where it differs from spec.domain (the DomainImmutable warning): our own status write
+    recording the domain we serve (every MailDomain's first status, 1,000 of them at once)
+    must not make the next plan parse and redo every domain."""
+    if cached[0] != spec:
+        return False
+    if cached[1] == served:
+        return True
+    parsed = cached[2]
+    if not isinstance(parsed, _ParsedDomain) or parsed.warning is not None:
+        return False
+    return served in (None, "", parsed.name)
+
+
 def _parse_domain(record: ObjectRecord) -> _ParsedDomain | Problem:
     try:
         spec = MailDomainSpec.model_validate(record.spec)
@@ -339,7 +356,7 @@ def build(
         outcome = domain_outcomes[record.key] = DomainOutcome()
         served = record.status.get("domain")
         cached = cache.domains.get(record.key)
-        if cached is None or cached[0] != record.spec or cached[1] != served:
+        if cached is None or not _parse_still_holds(cached, record.spec, served):
             cached = (record.spec, served, _parse_domain(record))
             cache.domains[record.key] = cached
         parsed = cached[2]

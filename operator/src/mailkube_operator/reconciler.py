@@ -74,6 +74,9 @@ log = logging.getLogger(__name__)
 
 #: status patches (with their Events) in flight at once
 STATUS_WRITERS = 8
+#: a reconcile writing at least this many statuses sets `bulk_written` (their watch echoes
+#: leave thousands of new copies in the heap: handlers/lifecycle.py freezes it again)
+BULK_WRITES = 1000
 #: conditions whose changes are posted as Events -> the status that is a failure (a Warning).
 #: Getting out of it is a Normal Event; for Ready and DNSVerified, so is turning True at all.
 EVENT_CONDITIONS = {"Ready": "False", "DNSVerified": "False", SUBMISSION_SUSPENDED: "True"}
@@ -195,6 +198,8 @@ class Reconciler:
     resync: bool = True
     #: set once a table has been published
     published: asyncio.Event = field(default_factory=asyncio.Event)
+    #: set after a reconcile wrote BULK_WRITES statuses or more (the first start's)
+    bulk_written: asyncio.Event = field(default_factory=asyncio.Event)
     #: whether Redis answered the last publish or check (readiness)
     healthy: bool = False
     reconciles: int = 0
@@ -763,6 +768,8 @@ class Reconciler:
             return failed
 
         results = await asyncio.gather(*(writer() for _ in range(min(STATUS_WRITERS, len(writes)))))
+        if len(writes) >= BULK_WRITES:
+            self.bulk_written.set()
         return failed or any(results)
 
     def is_echo(self, plural: str, body: Mapping[str, Any], event: str | None = None) -> bool:

@@ -402,3 +402,26 @@ def test_an_unchanged_domain_keeps_its_entry_object() -> None:
     assert second.entries["other.test"] is first.entries["other.test"]
     assert second.entries["example.test"] is not first.entries["example.test"]
     assert second.entries["example.test"].users[0].aliases == ["a@example.test"]
+
+
+def test_the_domain_served_recorded_in_status_does_not_parse_the_domain_again() -> None:
+    """Every MailDomain's first status records the domain it serves (status.domain): the
+    echo of 1,000 such writes must not make the next plan parse and redo every domain (the
+    same parsed spec, the same verdict object's spec). A status.domain that differs from
+    spec.domain still does (DomainImmutable)."""
+    cache = PlanCache()
+
+    def build_with(record: ObjectRecord) -> Plan:
+        return build([record], [], passwords=passwords, dkim=no_dkim, relay=relay,
+                     mx_hostname="mx.example.net", cache=cache)  # fmt: skip
+
+    first = build_with(EXAMPLE).domains[("mail", "example")]
+    recorded = dataclasses.replace(EXAMPLE, status={"domain": "example.test"})
+    again = build_with(recorded).domains[("mail", "example")]
+    assert again.spec is first.spec
+    assert again.warning is None
+    renamed = dataclasses.replace(recorded, status={"domain": "old.test"})
+    moved = build_with(renamed).domains[("mail", "example")]
+    assert moved.domain == "old.test"
+    assert moved.warning is not None
+    assert moved.warning.reason == "DomainImmutable"

@@ -26,6 +26,7 @@ from mailkube_core.routing import (
 from mailkube_core.routing.dkim_keys import generate
 from mailkube_core.settings import OperatorSettings
 from mailkube_operator import dkim
+from mailkube_operator import reconciler as reconciler_module
 from mailkube_operator.handlers import domains, lifecycle
 from mailkube_operator.kube import Kube, KubeError
 from mailkube_operator.plan import ObjectRecord
@@ -375,22 +376,33 @@ async def test_the_echo_of_our_own_status_write_plans_nothing() -> None:
         await r.close()
 
 
-async def test_the_heap_is_frozen_once_the_first_table_is_out(
+async def test_the_heap_is_frozen_once_the_first_table_is_out_and_after_bulk_writes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A full collection of a 10,000-user heap stalls a change for a second: after the first
-    publish the heap goes out of the cyclic collector's reach (gc.freeze)."""
+    publish the heap goes out of the cyclic collector's reach (gc.freeze), and again after a
+    reconcile wrote BULK_WRITES statuses (their echoes' copies are new objects)."""
     frozen: list[bool] = []
     monkeypatch.setattr(lifecycle.gc, "freeze", lambda: frozen.append(True))
     monkeypatch.setattr(lifecycle.gc, "collect", lambda: 0)
+    monkeypatch.setattr(reconciler_module, "BULK_WRITES", 2)
     r = reconciler([record("MailDomain", "example", DOMAIN)], [])
     waiting = asyncio.create_task(lifecycle._freeze_heap(r))
+
+    async def frozen_times(n: int) -> bool:
+        return len(frozen) == n
+
     try:
         await asyncio.sleep(0)  # let it start waiting
         assert frozen == []
-        await r.request()
-        await asyncio.wait_for(waiting, 5)
-        assert frozen == [True]
+        await r.request()  # the first table, and the domain's status: one write
+        await eventually(lambda: frozen_times(1))
+        assert not r.bulk_written.is_set()
+        users = [record("MailUser", f"u{i}", {"address": f"u{i}@example.test"}) for i in range(2)]
+        set_index(r, [record("MailDomain", "example", DOMAIN)], users)
+        await r.request()  # two users' statuses (and the domain's count): a bulk write
+        await eventually(lambda: frozen_times(2))
+        assert not waiting.done()
     finally:
         waiting.cancel()
         await r.close()
