@@ -69,6 +69,10 @@ class TrackedDict(dict[K, V]):
         super().__delitem__(key)
         self.changed.add(key)
 
+    def set_unrecorded(self, key: K, value: V) -> None:
+        """Set without recording the key as changed (a change recorded before stays)."""
+        super().__setitem__(key, value)
+
     def take(self) -> set[K]:
         """The keys changed since the last call."""
         changed, self.changed = self.changed, set()
@@ -91,10 +95,12 @@ class Store(Generic[V]):
     def __len__(self) -> int:
         return len(self.index)
 
-    def put(self, body: Mapping[str, Any]) -> bool:
+    def put(self, body: Mapping[str, Any], *, echo: bool = False) -> bool:
         """Keep this copy unless an object of that uid with a newer version is kept, or that
         very version (a periodic LIST brings back every object: the unchanged ones are neither
-        copied again nor recorded as changed); whether it was taken."""
+        copied again nor recorded as changed); whether it was taken. `echo`: the copy only
+        brings back the operator's own status write, and is not recorded as changed (a
+        reconcile has nothing to look at again for it)."""
         key = _key(body)
         uid, version = _version(body)
         kept = self._versions.get(key)
@@ -104,7 +110,10 @@ class Store(Generic[V]):
             and (_older(version, kept[1]) or (version != "" and version == kept[1]))
         ):
             return False
-        self.index[key] = [self._make(body)]
+        if echo:
+            self.index.set_unrecorded(key, [self._make(body)])
+        else:
+            self.index[key] = [self._make(body)]
         self._versions[key] = (uid, version)
         return True
 
@@ -170,11 +179,12 @@ class Stores:
 
     @staticmethod
     def object_event(store: Store[ObjectRecord], event: str | None,
-                     body: Mapping[str, Any]) -> None:  # fmt: skip
+                     body: Mapping[str, Any], *, echo: bool = False) -> None:  # fmt: skip
+        """`echo`: the event only brings back our own status write (Reconciler.is_echo)."""
         if event == "DELETED":
             store.remove(body)
         else:
-            store.put(body)
+            store.put(body, echo=echo)
 
     async def load(self, kube: Kube, namespace: str | None) -> bool:
         """LIST every kind (namespace None: everywhere); whether anything changed."""

@@ -17,8 +17,11 @@ from ..store import Stores
 
 async def domain_changed(memo: Any, body: kopf.Body, **kwargs: Any) -> None:
     state = state_of(memo)
-    Stores.object_event(state.stores.domains, kwargs.get("type"), body)
-    if state.reconciler is not None and state.reconciler.is_echo(DOMAINS, body, kwargs.get("type")):
+    echo = state.reconciler is not None and state.reconciler.is_echo(
+        DOMAINS, body, kwargs.get("type")
+    )
+    Stores.object_event(state.stores.domains, kwargs.get("type"), body, echo=echo)
+    if echo:
         return  # our own status write coming back: the plan would be the same
     await reconcile(memo)
 
