@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -272,7 +273,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # -- changes, one at a time -------------------------------------------------------
         custom = client.CustomObjectsApi(plane.api_client())
-        latencies = []
+        latencies: list[float] = []
+        slowest_at = 0.0
         profiler = None
         if args.py_spy:
             profiler = await asyncio.create_subprocess_exec(
@@ -299,11 +301,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
             await until(has_alias, 60, f"change {i}", interval=0.01)
             latencies.append(now() - t)
+            if latencies[-1] == max(latencies):
+                slowest_at = time.time()
         cpu_after, rss = operator.stats()
         changes_s = now() - changes_start
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
             await asyncio.wait_for(profiler.wait(), 60)
+        results["change_slowest"] = f"#{latencies.index(max(latencies))} at {slowest_at:.3f}"
         latencies.sort()
         results["change_p50_s"] = round(statistics.median(latencies), 3)
         results["change_p99_s"] = round(latencies[min(len(latencies) - 1,
@@ -407,6 +412,8 @@ def main() -> None:
     )
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args()
+    if args.py_spy and shutil.which("py-spy") is None:
+        parser.error("--py-spy: no py-spy on PATH (pip install --user py-spy)")
     load_before = os.getloadavg()[0]
     results = asyncio.run(run(args))
     results["load_average_start_end"] = f"{load_before:.2f} / {os.getloadavg()[0]:.2f}"
