@@ -121,9 +121,11 @@ class _Firsts(Mapping[Any, Any]):
         return len(self._index)
 
 
-#: every this many reconciles, one walks every object even if the stores say only a few
-#: changed (a safety sweep; the periodic LIST (store.RESYNC_INTERVAL) also marks what moved)
-FULL_SWEEP_EVERY = 100
+#: seconds after which a reconcile walks every object even if the stores say only a few
+#: changed (a safety sweep; the periodic LIST (store.RESYNC_INTERVAL) also marks what moved).
+#: By time, not by count: at 10,000 users a sweep costs ~1 s of CPU, and every 100th
+#: reconcile made that a share of each change's cost, growing with the number of objects.
+FULL_SWEEP_INTERVAL = 300.0
 
 
 @dataclass(frozen=True)
@@ -226,6 +228,8 @@ class Reconciler:
     _lift_handled: dict[Key, str] = field(default_factory=dict)
     #: the next reconcile walks every object (the first, and after a failure or a bug)
     _full_next: bool = True
+    #: when the last reconcile that walked every object started (time.monotonic)
+    _swept_at: float = 0.0
     #: what every MailDomain's status was last worked out with (the publish error, the
     #: gateway's TLS keys): while it is the same, a reconcile of changed users looks only at
     #: the MailDomains whose verdict, DKIM step or DNS check moved
@@ -344,6 +348,7 @@ class Reconciler:
         users: list[ObjectRecord] | None
         known: Mapping[tuple[str, str], Mapping[str, str]]
         if changed is None:  # every object
+            self._swept_at = time.monotonic()
             users = _all(self.indexes.users)
             known = {key: _first(self.indexes.password_secrets, key) or {}
                      for key in list(self.indexes.password_secrets)}  # fmt: skip
@@ -406,7 +411,7 @@ class Reconciler:
         """The MailUsers changed since the last reconcile (key -> its copy, None: gone) if
         they are all that changed; None if this reconcile must walk every object: the
         indexes do not record changes, a MailDomain or Secret changed, the last reconcile
-        failed, or it is time for a safety sweep (FULL_SWEEP_EVERY)."""
+        failed, or it is time for a safety sweep (FULL_SWEEP_INTERVAL)."""
         assert self.indexes is not None
         indexes = (self.indexes.domains, self.indexes.users, self.indexes.password_secrets,
                    self.indexes.dkim_secrets)  # fmt: skip
@@ -416,7 +421,7 @@ class Reconciler:
             cast(TrackedIndex[Any], index).take() for index in indexes
         )
         if (self._full_next or domains or passwords or dkim_secrets
-                or self.reconciles % FULL_SWEEP_EVERY == 0):  # fmt: skip
+                or time.monotonic() - self._swept_at >= FULL_SWEEP_INTERVAL):  # fmt: skip
             return None
         index = self.indexes.users
         return {key: _first(index, key) for key in users}

@@ -12,7 +12,7 @@ from test_operator_reconciler import FakeKube, FakeStore, reconciler, record
 from mailkube_core.routing.dkim_keys import generate
 from mailkube_operator import plan
 from mailkube_operator.plan import ObjectRecord
-from mailkube_operator.reconciler import Indexes, Reconciler
+from mailkube_operator.reconciler import FULL_SWEEP_INTERVAL, Indexes, Reconciler
 from mailkube_operator.store import TrackedIndex
 
 KEY = generate("ed25519-sha256")
@@ -110,5 +110,14 @@ async def test_changed_users_only_give_what_a_full_pass_gives(
     await step(user("erin", "erin@third.test"))
     assert users_only == before
     assert verdicts(tracked)["erin"] == ("True", "Published")
+
+    # the safety sweep: by time since the last full pass, not by the number of reconciles
+    await step(user("erin", "erin@third.test", ["e1@third.test"], rv="2"))
+    assert users_only == before + 1
+    tracked._swept_at -= FULL_SWEEP_INTERVAL
+    await step(user("erin", "erin@third.test", ["e2@third.test"], rv="3"))
+    assert users_only == before + 1  # walked every object
+    await step(user("erin", "erin@third.test", ["e3@third.test"], rv="4"))
+    assert users_only == before + 2
     await full.close()
     await tracked.close()
