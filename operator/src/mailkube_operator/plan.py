@@ -163,7 +163,10 @@ class Plan:
     entries: dict[str, DomainEntry]
     globals: TableGlobals
     domains: dict[Key, DomainOutcome]
-    users: dict[Key, UserOutcome]
+    #: a plan of changed users only shares this with the PlanCache (copying 10,000 verdicts
+    #: was the largest size-dependent cost of a change): valid until the next build with
+    #: that cache
+    users: Mapping[Key, UserOutcome]
     #: the users planned again (changed, added, deleted, or touched by one that was); None:
     #: all of them. The others' verdicts are the same objects as in the plan before.
     redone: set[Key] | None = None
@@ -476,7 +479,7 @@ def _build_users_only(
         entries=entries,
         globals=globals_,
         domains=dict(cache.outcomes),
-        users=dict(state.outcomes),
+        users=state.outcomes,
         redone=redone,
         redone_domains=redone_domains,
         redone_entries=set(touched),
