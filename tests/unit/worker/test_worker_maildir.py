@@ -63,6 +63,13 @@ def test_render_prepends_trace_headers_and_uses_lf() -> None:
     assert content == b"Return-Path: <>\nDelivered-To: alice@example.test\nSubject: x\n\nbody\n"
 
 
+def test_stored_form_turns_every_crlf_into_lf_and_keeps_binarymime_as_queued() -> None:
+    body = b"Subject: x\r\n\r\n" + b"a line of text\r\n" * 5000 + b".dot\r\n\r\n\r\n"
+    assert maildir.stored_form(body, "8BITMIME") == (body.replace(b"\r\n", b"\n"), "\n")
+    binary = b"Subject: x\r\n\r\n\x00\r\x01\n\r\n"
+    assert maildir.stored_form(binary, "BINARYMIME") == (binary, "\r\n")
+
+
 def test_concurrent_first_deliveries_to_a_new_mailbox_all_land(tmp_path: Path) -> None:
     """Workers racing to create one mailbox: whoever finds tmp/ must also find new/."""
     for round_ in range(50):
