@@ -693,6 +693,44 @@ async def test_record_queues_a_recipients_forward_once_with_its_result(
     assert (await QueueAdmin.of(q).stats()).messages == 2
 
 
+async def test_a_batched_lane_waits_batch_wait_after_a_partial_batch_so_arrivals_gather(
+    make_queue: Callable[..., Queue],
+) -> None:
+    """After a claim that did not fill a batch, the claim loop waits `batch_wait` before it
+    claims again: messages queued meanwhile arrive as one batch, not a claim (and a Redis
+    write, an AOF fsync) each. (One partition: each has a claim loop of its own.)"""
+    queue = make_queue(partitions=1)
+    sizes: list[int] = []
+    first = asyncio.Event()
+
+    async def batch_handler(batch: list[Claimed]) -> None:
+        sizes.append(len(batch))
+        await queue.finish_delivered([(c, c.pending(), []) for c in batch])
+        first.set()
+
+    async def handler(claimed: Claimed) -> None:
+        raise AssertionError("the local lane is batched")
+
+    consumer = QueueConsumer(queue, "pod-1", ["local"], handler, concurrency=4,
+                             poll=timedelta(milliseconds=50), batch_handler=batch_handler,
+                             batch_lanes=["local"], batch_size=32,
+                             batch_wait=timedelta(seconds=2))  # fmt: skip
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await queue.enqueue(envelope("a0@example.test"), b"m", is_local=is_local)
+    await asyncio.wait_for(first.wait(), 30)
+    for n in range(1, 6):
+        await queue.enqueue(envelope(f"a{n}@example.test"), b"m", is_local=is_local)
+
+    async def all_done() -> bool:
+        return (await QueueAdmin.of(queue).stats()).messages == 0
+
+    await eventually(all_done, timeout=30)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert sizes == [1, 5]
+
+
 async def test_consumer_hands_batches_of_a_batched_lane_to_the_batch_handler(
     queue: Queue,
 ) -> None:

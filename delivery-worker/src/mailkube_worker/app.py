@@ -116,6 +116,7 @@ async def serve(settings: WorkerSettings, service: Service) -> None:
             batch_lanes=lanes,
             batch_size=settings.local_batch_size,
             batch_sizes={"remote": REMOTE_BATCH_SIZE},
+            batch_wait=settings.batch_wait,
         )
         janitor = Janitor(queue, lanes, consumer.consumer, settings.visibility_timeout * 2)
         sweeping = asyncio.create_task(janitor.run(service.stopping, settings.visibility_timeout))
