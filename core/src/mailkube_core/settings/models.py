@@ -547,8 +547,8 @@ class WorkerSettings(CommonSettings):
     written by one thread, each new/ fsynced once per batch, all recorded and settled in one
     Redis script, with the forwards they queue). Deliveries needing more (quotas, failures,
     success notices) go one by one."""
-    batch_wait: Annotated[Duration, Field(ge=timedelta(0), le=timedelta(seconds=1))] = (
-        timedelta(milliseconds=20)
+    batch_wait: Annotated[Duration, Field(ge=timedelta(0), le=timedelta(seconds=1))] = timedelta(
+        milliseconds=20
     )
     """After a claim that did not fill a batch (local lane: local_batch_size; remote lane:
     32), wait this long before claiming again, so that under load arrivals gather into fewer,
