@@ -196,9 +196,9 @@ class Stack:
         extra_env: dict[str, str] | None = None,
     ) -> None:
         self.processes = processes
-        self.redis = RedisServer(
-            tmp / f"redis-{name}", appendfsync="always", config=redis_config
-        ).start()
+        # as `make run` and the chart configure it (redis.aofRewriteMinSize)
+        config = {"auto-aof-rewrite-min-size": "1gb", **(redis_config or {})}
+        self.redis = RedisServer(tmp / f"redis-{name}", appendfsync="always", config=config).start()
         self.smtp_port, health_port, submission_port, submissions_port = free_ports(4)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKUBE_")}
         env.update({

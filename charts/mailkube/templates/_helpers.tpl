@@ -400,6 +400,8 @@ dir /data
 # the queue's durability: every write is in the append-only file before Redis replies
 appendonly yes
 appendfsync {{ .Values.redis.appendfsync }}
+# rewrite the append-only file only once it is this big (values.yaml: the queue churns)
+auto-aof-rewrite-min-size {{ .Values.redis.aofRewriteMinSize }}
 appenddirname appendonlydir
 # no RDB snapshots besides the AOF's own preamble
 save ""

@@ -427,6 +427,8 @@ def test_redis_is_durable_and_its_password_is_kept_across_upgrades() -> None:
     assert lines["maxmemory-policy"] == "maxmemory-policy noeviction"
     assert lines["dir"] == "dir /data"
     assert lines["maxmemory"] == "maxmemory 768mb"  # below the container's 1Gi limit
+    # the queue churns: no rewrite (a fork and a new file) every 64 MB of bodies
+    assert lines["auto-aof-rewrite-min-size"] == "auto-aof-rewrite-min-size 1gb"
     statefulset = result.get("StatefulSet", f"{FULL}-redis")
     assert statefulset["spec"]["replicas"] == 1
     container = statefulset["spec"]["template"]["spec"]["containers"][0]

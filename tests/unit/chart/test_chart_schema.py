@@ -79,6 +79,7 @@ def test_typos_are_rejected(values: dict[str, Any], where: str) -> None:
         ({"worker": {"mailStorage": {"accessMode": "ReadWriteSome"}}}, "accessMode"),
         ({"worker": {"mailStorage": {"size": "lots"}}}, "/worker/mailStorage/size"),
         ({"redis": {"appendfsync": "no"}}, "/redis/appendfsync"),
+        ({"redis": {"aofRewriteMinSize": "1 GB"}}, "/redis/aofRewriteMinSize"),
         ({"redis": {"enabled": False}}, "externalRedis"),
         ({"mail": {"hostname": "not a host"}}, "/mail/hostname"),
         ({"commonLabels": {"team": 7}}, "/commonLabels/team"),

@@ -139,6 +139,8 @@ class DevStack:
         self.redis = subprocess.Popen(
             [server, "--port", str(self.redis_port), "--bind", "127.0.0.1",
              "--dir", str(data), "--appendonly", "yes", "--appendfsync", "always",
+             # as the chart's Redis (charts/mailkube/values.yaml, redis.aofRewriteMinSize)
+             "--auto-aof-rewrite-min-size", "1gb",
              "--save", "", "--daemonize", "no", "--logfile", str(data / "redis.log")],
             start_new_session=True,  # Ctrl-C reaches us only; we stop Redis last
             preexec_fn=follow_this_process(),
