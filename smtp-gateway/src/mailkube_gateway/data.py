@@ -43,9 +43,10 @@ class DataResult:
 
 
 def unstuff(wire: bytes) -> bytes:
-    """RFC 5321 §4.5.2: a line starting with "." loses that first ".". `wire` starts with the
-    CRLF that ended the DATA command, so the first line is treated like every other."""
-    return wire.replace(b"\r\n.", b"\r\n")[2:]
+    """RFC 5321 §4.5.2: a line starting with "." loses that first ".", the first line too.
+    (No copy when nothing is stuffed: replace returns `wire` itself.)"""
+    content = wire.replace(b"\r\n.", b"\r\n")
+    return content[1:] if content.startswith(b".") else content
 
 
 def wire_allowance(limit: int) -> int:
@@ -111,8 +112,8 @@ async def read_data(
     wire_size = dropped + after - 2
     if refused is not None:
         return DataResult(refused, b"", wire_size)
-    del buffer[end + 2 :]
-    wire = bytes(buffer)
+    with memoryview(buffer) as view:  # one copy: without the leading CRLF, up to END's CRLF
+        wire = bytes(view[2 : end + 2])
     del buffer
     if has_bare_line_ending(wire):
         return DataResult(DataStatus.BARE_LINE_ENDING, b"", wire_size)

@@ -36,6 +36,11 @@ async def test_end_of_data_and_unstuffing(pieces: int) -> None:
     assert rest == b"QUIT\r\n"
 
 
+async def test_a_first_line_starting_with_a_dot_is_unstuffed_too() -> None:
+    assert await read(b"..first\r\n.\r\n") == (DataStatus.OK, b".first\r\n", b"")
+    assert await read(b".x\r\n\r\n..\r\n.\r\n") == (DataStatus.OK, b"x\r\n\r\n.\r\n", b"")
+
+
 async def test_empty_message() -> None:
     assert await read(b".\r\n") == (DataStatus.OK, b"", b"")
 
@@ -70,7 +75,7 @@ async def test_hangup_before_the_end_raises() -> None:
 def test_stuffing_round_trip(lines: list[bytes]) -> None:
     content = b"".join(line + b"\r\n" for line in lines)
     stuffed = b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n" for line in lines)
-    assert unstuff(b"\r\n" + stuffed) == content
+    assert unstuff(stuffed) == content
     assert not has_bare_line_ending(content)
 
 
