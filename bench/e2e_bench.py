@@ -18,9 +18,10 @@ lane) → remote worker → the MX found by a loopback DNS server (one more queu
 Postfix makes).
 
 Each server's files go in a directory of their own, spread by the filesystem: on ext4 without
-a journal (this project's benchmark VMs), creating a file scans every inode of its block group
-freed in the last seconds or minutes, so Mailkube's maildir, placed beside Postfix's queue,
-paid up to 0.7 ms per file for the queue files Postfix had just deleted (see `spread`).
+a journal (the root filesystem of the VM measured on 2026-12-07), creating a file scans every
+inode of its block group freed in the last seconds or minutes, so Mailkube's maildir, placed
+beside Postfix's queue, paid up to 0.7 ms per file for the queue files Postfix had just
+deleted (see `spread`).
 
 Reported per cell: msgs/s of each (median of the runs and the range), the ratio, and CPU ms
 per message of the workers, the gateway, Redis and all of Postfix, and the workers' peak RSS.

@@ -78,7 +78,7 @@ async def read_data(
     costs no memory. The bytes held stay in `hold` until the caller gives them back. Raises
     asyncio.IncompleteReadError if the client hangs up first."""
     # The CRLF that ended "DATA" starts the buffer, so that END also finds an empty message
-    # (".\r\n" first) and a first line starting with "." is unstuffed like the others.
+    # (".\r\n" first); the content starts after it.
     buffer = bytearray(b"\r\n")
     scanned = 0  # END cannot start before this offset in buffer
     dropped = 0  # bytes dropped from the front of buffer after the data was refused
