@@ -218,6 +218,9 @@ class GatewayApp:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
         await asyncio.gather(*gateway.background, return_exceptions=True)
+        with contextlib.suppress(Exception):  # unreturned loans wait out their minute
+            async with asyncio.timeout(1):
+                await gateway.limits.close()
         if self.certs is not None:
             await self.certs.stop()
         if self.mta_sts_certs is not None:

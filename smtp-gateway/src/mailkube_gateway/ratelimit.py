@@ -18,7 +18,8 @@ together by one script each:
                                        user (member = network, score = when it is forgotten,
                                        ms)
 
-Time comes from Redis (TIME), so the gateways' clocks need not agree.
+Time comes from Redis (TIME), so the gateways' clocks need not agree. A busy rate is lent to
+a process several messages at a time (rate_loans.py), so its messages do not each ask Redis.
 
 Rates and leases are soft state: a rate window lasts a minute, a lease a connection. Their
 scripts replicate their writes to the replicas but keep them out of the append-only file
@@ -48,13 +49,16 @@ from mailkube_core.redis_client import RedisClient
 from mailkube_core.redis_multiplexed import NOT_URGENT, MultiplexedRedis
 
 from .auth_throttle import AuthHistory
+from .rate_loans import RateLoans
 
 # Writes of the scripts below go to replicas but not to the AOF (see the module docstring).
 _SOFT_STATE = "redis.set_repl(redis.REPL_REPLICA)\n"
 
 # GCRA (generic cell rate algorithm): one message every `interval` ms, bursts up to
-# `burst` messages. KEYS[1] the TAT key. ARGV[1] interval ms, ARGV[2] burst.
-# Returns 0 when allowed, else the ms to wait.
+# `burst` messages. KEYS[1] the TAT (theoretical arrival time, ms) key. ARGV[1] interval ms,
+# ARGV[2] burst, ARGV[3] how many messages are wanted at once (rate_loans.py lends them).
+# Returns how many are granted, at most ARGV[3]: 0 when not even one is allowed now.
+# The n-th of them is allowed when now >= tat + (n - 1) * interval - tolerance.
 _GCRA = (
     _SOFT_STATE
     + """
@@ -64,22 +68,23 @@ local interval = tonumber(ARGV[1])
 local tolerance = interval * (tonumber(ARGV[2]) - 1)
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
-local allow_at = tat - tolerance
-if now < allow_at then return allow_at - now end
-local new_tat = tat + interval
+local room = math.floor((now + tolerance - tat) / interval) + 1
+if room < 1 then return 0 end
+local granted = math.min(room, tonumber(ARGV[3]))
+local new_tat = tat + granted * interval
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil(new_tat - now + interval))
-return 0
+return granted
 """
 )
 
-# Give one message back (it was counted, then refused for another reason).
-# KEYS[1] the TAT key. ARGV[1] interval ms.
+# Give messages back (counted, then refused for another reason, or lent and not used).
+# KEYS[1] the TAT key. ARGV[1] interval ms, ARGV[2] how many.
 _REFUND = (
     _SOFT_STATE
     + """
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat == 0 then return 0 end
-redis.call('SET', KEYS[1], tat - tonumber(ARGV[1]), 'KEEPTTL')
+redis.call('SET', KEYS[1], tat - tonumber(ARGV[1]) * tonumber(ARGV[2]), 'KEEPTTL')
 return 1
 """
 )
@@ -203,6 +208,7 @@ class Limits:
         self._fail = Script(redis, _FAIL)
         self._auth_history = Script(redis, _AUTH_HISTORY)
         self._auth_success = Script(redis, _AUTH_SUCCESS)
+        self.loans = RateLoans(self._borrow, self._return_loan)
 
     # --- message rates ------------------------------------------------------------------
 
@@ -211,11 +217,16 @@ class Limits:
 
     async def allow_message(self, kind: str, identity: str, per_minute: int) -> bool:
         """One more message for `identity` (a sender or a recipient) within `per_minute`
-        per minute, with bursts of up to `per_minute` at once."""
-        wait = await self._gcra(
-            keys=[self._rate_key(kind, identity)], args=[60000 / per_minute, per_minute]
-        )
-        return int(wait) == 0
+        per minute, with bursts of up to `per_minute` at once: from this process's loan of
+        the rate when it holds one (rate_loans.py), else asked of Redis."""
+        return await self.loans.take(self._rate_key(kind, identity), per_minute)
+
+    async def _borrow(self, key: str, per_minute: int, want: int) -> int:
+        granted = await self._gcra(keys=[key], args=[60000 / per_minute, per_minute, want])
+        return int(granted)
+
+    async def _return_loan(self, key: str, per_minute: int, count: int) -> None:
+        await self._refund(keys=[key], args=[60000 / per_minute, count], urgent=False)
 
     async def admit_recipient(
         self,
@@ -225,8 +236,9 @@ class Limits:
         sender: SenderRate | None = None,
     ) -> RecipientVerdict:
         """May one more message go to `address`: within its rate and its mailbox under
-        `quota` and, for a transaction's first recipient, `sender` within its own rate? All
-        asked together, in one round trip (the scripts go down the connection in one write).
+        `quota` and, for a transaction's first recipient, `sender` within its own rate? What
+        must be asked of Redis (a rate this process holds no loan of, the quota) is asked
+        together, in one round trip (the commands go down the connection in one write).
         Whatever was counted for a refused recipient is given back."""
         checks: list[Awaitable[Any]] = [self.allow_message("rcpt", address, per_minute)]
         if quota is not None:
@@ -251,7 +263,14 @@ class Limits:
         return verdict
 
     async def _give_back(self, kind: str, identity: str, per_minute: int) -> None:
-        await self._refund(keys=[self._rate_key(kind, identity)], args=[60000 / per_minute])
+        key = self._rate_key(kind, identity)
+        if not self.loans.put_back(key):
+            await self._refund(keys=[key], args=[60000 / per_minute, 1])
+
+    async def close(self) -> None:
+        """Give back what this process holds of every rate (at SIGTERM, before Redis is
+        closed)."""
+        await self.loans.close()
 
     # --- connections --------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ The connection they share: tests/unit/core/test_redis_multiplexed.py."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -98,6 +99,37 @@ async def test_the_senders_rate_is_asked_with_the_first_recipient_and_refunded_w
         assert await verdict(limits, "c@x.test", 1, None) == (False, True)
     finally:
         await limits.redis.aclose()
+
+
+async def test_two_processes_lent_a_busy_rate_admit_no_more_than_its_burst(
+    redis_url: str,
+) -> None:
+    """Loans (rate_loans.py) save round trips, never messages: the two processes together
+    admit what the GCRA allows, and what one holds unused the other gets once it is given
+    back."""
+    prefix = f"t{uuid.uuid4().hex[:6]}"
+    first = Limits(multiplexed(Redis.from_url(redis_url)), prefix)
+    second = Limits(multiplexed(Redis.from_url(redis_url)), prefix)
+    per_minute = 64  # one every 937.5 ms; loans of up to 8
+    started = time.monotonic()
+    try:
+        assert all([await first.allow_message("rcpt", "a@x.test", per_minute) for _ in range(40)])
+        held = first.loans.held(f"{{{prefix}:rl:rcpt:a@x.test}}")
+        assert held > 0
+        second_got = 0
+        while await second.allow_message("rcpt", "a@x.test", per_minute):
+            second_got += 1
+        await first.close()  # e.g. SIGTERM: what it held goes back
+        after_return = 0
+        while await second.allow_message("rcpt", "a@x.test", per_minute):
+            after_return += 1
+        regained = (time.monotonic() - started) / 0.9375 + 1
+        assert after_return >= held
+        assert per_minute <= 40 + second_got + after_return <= per_minute + regained
+    finally:
+        await second.close()
+        await first.redis.aclose()
+        await second.redis.aclose()
 
 
 async def test_connection_leases_are_counted_and_released(redis_url: str) -> None:
