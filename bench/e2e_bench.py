@@ -10,12 +10,14 @@ virtual(8) into one Maildir (fsync per file), as peers-bench's `postfix-maildir`
 Load: Postfix's `smtp-source`, a new connection per message, S sessions, M messages of the
 given size to one mailbox. The clock runs from smtp-source's start until the last message
 is a file in the mailbox's `new/`; the run then checks that `new/` gained exactly M files.
-Mode `remote`: the mail goes on to an `smtp-sink` MX (counted there): for Postfix through
-relay_domains + smtp(8) (peers-bench's `postfix-relay`); for Mailkube, the gateway accepts
-unauthenticated mail for its own domains only, so the recipient is a local user with
-`forward_to` a remote address: gateway → local worker (forward: a new message in the remote
-lane) → remote worker → the MX found by a loopback DNS server (one more queue hop than
-Postfix makes).
+Mode `remote`: the mail goes on to an `smtp-sink` (counted there): for Postfix through
+relay_domains + a transport to the sink + smtp(8) (peers-bench's `postfix-relay`); for
+Mailkube the same: `remote.test` is a domain it relays for (the routing table's
+`inbound_relay`, next hop the sink), so gateway → remote lane → worker → sink. Mode
+`forward`: the recipient is a local user with `forward_to` the remote address, so gateway →
+local worker (a new message in the remote lane) → remote worker → the MX found by a loopback
+DNS server: one more queue hop than Postfix's relay makes (the `remote` mode of the figures
+before 2026-12-07 evening).
 
 Each server's files go in a directory of their own, spread by the filesystem: on ext4 without
 a journal (the root filesystem of the VM measured on 2026-12-07), creating a file scans every
@@ -68,7 +70,7 @@ from postfix_peer import Postfix
 from redis.asyncio import Redis
 
 from mailkube_core.mailbox import mailbox_dir
-from mailkube_core.routing import Domain, RoutingStore, RoutingTable, User
+from mailkube_core.routing import Domain, InboundRelay, RoutingStore, RoutingTable, User
 
 REMOTE_RECIPIENT = "rcpt@remote.test"
 REMOTE_ZONE = """$TTL 3600
@@ -171,11 +173,11 @@ class Mailkube:
     def __init__(self, tmp: Path, mode: str, workers: int, dns: DnsServer, args: argparse.Namespace
                  ) -> None:  # fmt: skip
         self.tmp = tmp
-        self.sink = Sink(tmp) if mode == "remote" else None
+        self.sink = Sink(tmp) if mode != "local" else None
         self.stack = Stack(tmp, f"mk-{mode}", args.gateway_processes, dns)
         self.mail = tmp / f"mail-{mode}"
-        if mode == "remote":
-            asyncio.run(self._forward_routing())
+        if self.sink is not None:
+            asyncio.run(self._remote_routing(mode, self.sink.port))
         env = {k: v for k, v in os.environ.items() if not k.startswith("MAILKUBE_")}
         env.update({
             "MAILKUBE_REDIS_URL": self.stack.redis.url, "MAILKUBE_HOSTNAME": "bench.example.test",
@@ -203,12 +205,21 @@ class Mailkube:
         )
         self.new = self.mail / mailbox_dir(RECIPIENT) / "new"
 
-    async def _forward_routing(self) -> None:
+    async def _remote_routing(self, mode: str, sink_port: int) -> None:
         client = Redis.from_url(self.stack.redis.url)
-        user = User(address=RECIPIENT, forward_to=[REMOTE_RECIPIENT])
-        await RoutingStore(client).replace(
-            RoutingTable(domains=[Domain(name="example.test")], users=[user])
-        )
+        if mode == "forward":
+            table = RoutingTable(
+                domains=[Domain(name="example.test")],
+                users=[User(address=RECIPIENT, forward_to=[REMOTE_RECIPIENT])],
+            )
+        else:  # remote.test relayed to the sink, as Postfix's relay_domains + transport
+            hop = InboundRelay(host="127.0.0.1", port=sink_port)
+            table = RoutingTable(
+                domains=[Domain(name="example.test"),
+                         Domain(name="remote.test", inbound_relay=hop)],
+                users=[User(address=REMOTE_RECIPIENT)],
+            )  # fmt: skip
+        await RoutingStore(client).replace(table)
         await client.aclose()
 
     def delivered(self) -> int:
@@ -244,10 +255,10 @@ class Mailkube:
 
 class PostfixPeer:
     def __init__(self, tmp: Path, mode: str) -> None:
-        self.sink = Sink(tmp) if mode == "remote" else None
+        self.sink = Sink(tmp) if mode != "local" else None
         relay = self.sink.port if self.sink is not None else None
         self.postfix = Postfix(
-            tmp / f"postfix-{mode}", "relay" if mode == "remote" else "maildir", relay_port=relay
+            tmp / f"postfix-{mode}", "maildir" if mode == "local" else "relay", relay_port=relay
         )
 
     def delivered(self) -> int:
@@ -280,7 +291,7 @@ def spread(directory: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--modes", default="local", help="local, remote")
+    parser.add_argument("--modes", default="local", help="local, remote, forward")
     parser.add_argument("--sessions", default="10,50")
     parser.add_argument("--sizes", default="2048,102400")
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
@@ -319,10 +330,10 @@ def main() -> None:
         tmp.chmod(0o755)  # Postfix's processes run as the postfix user
         spread(tmp)
         for mode in args.modes.split(","):
-            to = RECIPIENT
+            to = REMOTE_RECIPIENT if mode == "remote" else RECIPIENT
             mailkube = Mailkube(tmp, mode, args.workers, dns, args)
             peer = None
-            to_postfix = REMOTE_RECIPIENT if mode == "remote" else "rcpt@example.test"
+            to_postfix = "rcpt@example.test" if mode == "local" else REMOTE_RECIPIENT
             try:
                 peer = None if args.no_postfix else PostfixPeer(tmp, mode)
                 if args.warmup:

@@ -8,9 +8,18 @@ from pathlib import Path
 
 import aiosmtplib
 import pytest
-from gateway_harness import ALICE, ALICE_PASSWORD, BOB, RawClient, message, running_gateway
+from gateway_harness import (
+    ALICE,
+    ALICE_PASSWORD,
+    BOB,
+    RawClient,
+    message,
+    routing_table,
+    running_gateway,
+)
 
 from mailkube_core.queue import Notify
+from mailkube_core.routing import Domain, InboundRelay, User
 from mailkube_core.telemetry import Telemetry
 
 
@@ -37,6 +46,33 @@ async def test_mx_accepts_mail_for_a_local_user_and_queues_it(
         assert "by mx.test (Mailkube) with ESMTP id " in received
         assert "for <alice@example.test>" in received
         assert body.endswith(b"\r\n\r\nhi\r\n")
+
+
+async def test_mx_accepts_mail_for_a_domain_we_relay_for_into_the_remote_lane(
+    redis_url: str, tmp_path: Path, telemetry: Telemetry
+) -> None:
+    """An inbound relay domain is ours (no AUTH needed, its users say who exists) but not
+    local: its mail goes to the remote lane, for the worker to send to its next hop."""
+    table = routing_table()
+    table.domains.append(
+        Domain(name="relayed.test", inbound_relay=InboundRelay(host="mail.internal.test"))
+    )
+    table.users.append(User(address="staff@relayed.test"))
+    async with running_gateway(redis_url, tmp_path, table=table) as gw:
+        async with gw.client(gw.mx, start_tls=False) as smtp:
+            await smtp.ehlo()
+            await smtp.mail("someone@remote.test")
+            with pytest.raises(aiosmtplib.SMTPRecipientRefused) as refused:
+                await smtp.rcpt("nobody@relayed.test")
+            assert refused.value.code == 550
+            assert refused.value.message.startswith("5.1.1")
+            await smtp.rset()
+            errors, _ = await smtp.sendmail("someone@remote.test", ["staff@relayed.test"],
+                                            message())  # fmt: skip
+        assert errors == {}
+        [info] = await gw.messages()
+        assert info.lane == "remote"
+        assert [r.address for r in info.envelope.recipients] == ["staff@relayed.test"]
 
 
 async def test_starttls_on_mx_is_recorded_as_esmtps_with_the_cipher(

@@ -24,7 +24,7 @@ from worker_harness import (
 
 from mailkube_core.queue import Queue, QueueAdmin, Recipient
 from mailkube_core.redis_client import connect_redis
-from mailkube_core.routing import RelayHost, User
+from mailkube_core.routing import Domain, InboundRelay, RelayHost, RoutingTable, User
 from mailkube_core.settings import WorkerSettings
 from mailkube_core.telemetry import Telemetry
 
@@ -374,3 +374,35 @@ async def test_a_relay_wanting_auth_we_lack_defers_not_bounces(
     assert info.results[0].enhanced_code == "4.7.0"
     assert "530 5.7.0 Authentication required" in info.results[0].diagnostic
     assert bounces(settings) == []
+
+
+async def test_mail_to_a_domain_we_relay_for_goes_to_its_next_hop_ahead_of_the_smart_host(
+    settings: WorkerSettings, telemetry: Telemetry, mx_farm: MxFarm
+) -> None:
+    """An inbound relay domain (Postfix's relay_domains + transport): its mail goes to the
+    next hop the routing table names, not into a maildir and not to the smart host; a user
+    forwarding into it is followed there too."""
+    next_hop = mx_farm.start("127.0.0.44")
+    smart = mx_farm.start("127.0.0.41")
+    via_smart = with_(settings, smart_host={"host": "127.0.0.41", "port": settings.smtp_port,
+                                            "tls": "none"})  # fmt: skip
+    hop = InboundRelay(host="127.0.0.44", port=settings.smtp_port, tls="none")
+    forwarder = User(address="fwd@example.test", forward_to=["staff@relayed.test"])
+    routing = RoutingTable(
+        domains=[Domain(name="example.test"), Domain(name="relayed.test", inbound_relay=hop)],
+        users=[CAROL, forwarder, User(address="staff@relayed.test")],
+    )
+    snapshot = await apply_routing(via_smart, routing)
+    assert not snapshot.is_local("staff@relayed.test")
+    assert snapshot.is_local_domain("relayed.test")
+    async with running_worker(via_smart, telemetry):
+        await enqueue(via_smart, ["staff@relayed.test"], routing=snapshot)
+        await enqueue(via_smart, ["fwd@example.test"], routing=snapshot)
+        await enqueue(via_smart, ["x@elsewhere.test"], mail_from="carol@example.test",
+                      routing=snapshot)  # fmt: skip
+        await eventually(lambda: queue_empty(via_smart))
+    assert sorted(r.rcpt_tos[0] for r in next_hop.received) == [
+        "staff@relayed.test", "staff@relayed.test"
+    ]  # fmt: skip
+    assert [r.rcpt_tos for r in smart.received] == [["x@elsewhere.test"]]
+    assert maildir_files(via_smart.mail_root, "staff@relayed.test") == []

@@ -154,9 +154,10 @@ class LocalDelivery:
         envelope = claimed.envelope
         address = envelope.recipients[index].address
         snapshot = self.routing()
-        if not snapshot.is_local(address):
+        if not snapshot.is_local_domain(address.rpartition("@")[2]):
             # the domain left the routing table after the message was queued: it may be
             # a table being rewritten; retry, and bounce when the retries run out
+            # (a domain relayed since is followed by `expand`, to the remote lane)
             return LocalOutcome(deferred("4.3.5", f"{address}: domain not in the routing table"))
         expansion = expand(snapshot, address)
         if not expansion.mailboxes and not expansion.remote:

@@ -26,7 +26,7 @@ from .connections import ConnectionPool
 from .dsn import Action
 from .mx import Host, MxLookupError, MxResolver
 from .results import deferred, failed
-from .smarthost import Relay, relay_for
+from .smarthost import Relay, inbound_next_hop, relay_for
 from .smtp_client import Peer, SessionError, SmtpSession, TlsMode
 from .tlspolicy.decide import Refusal
 from .tlspolicy.enforcer import DomainTls, TlsPolicies
@@ -89,10 +89,15 @@ class RemoteDelivery:
         relay = relay_for(claimed.envelope.mail_from, snapshot, self.settings)
         groups: dict[Destination, list[int]] = {}
         for index in pending:
-            if relay is not None:
+            domain = split_address(claimed.envelope.recipients[index].address)[1].lower()
+            # a domain we relay for goes to its next hop, whoever sent it (like Postfix's
+            # transport_maps, ahead of a relayhost)
+            next_hop = inbound_next_hop(snapshot, domain)
+            if next_hop is not None:
+                destination = Destination(next_hop.destination, None, next_hop, next_hop.tls)
+            elif relay is not None:
                 destination = Destination(relay.destination, None, relay, relay.tls)
             else:
-                domain = split_address(claimed.envelope.recipients[index].address)[1].lower()
                 destination = Destination(domain, domain, None, self._tls_mode(claimed, domain))
             groups.setdefault(destination, []).append(index)
         return groups

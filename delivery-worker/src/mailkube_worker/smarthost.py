@@ -1,7 +1,12 @@
-"""Smart host (relay) mode, for clouds that block port 25: all remote mail goes through one
+"""Next hops other than the recipient domain's MX hosts.
+
+Smart host (relay) mode, for clouds that block port 25: all remote mail goes through one
 relay (`smart_host` setting), or mail from a sender domain through that domain's relay (the
 routing table's `relay`, from the MailDomain resource). AUTH credentials come from a mounted
-file (a Secret) or the routing table, never from the environment."""
+file (a Secret) or the routing table, never from the environment.
+
+Inbound relay: mail to a domain we relay for (the routing table's `inbound_relay`) goes to
+that domain's next hop."""
 
 from __future__ import annotations
 
@@ -26,7 +31,18 @@ class Relay:
         return f"[{self.host}]:{self.port}"
 
 
-_TLS: dict[str, TlsMode] = {"starttls": "required", "implicit": "implicit", "none": "none"}
+_TLS: dict[str, TlsMode] = {
+    "starttls": "required", "implicit": "implicit", "none": "none",
+    "opportunistic": "opportunistic",
+}  # fmt: skip
+
+
+def inbound_next_hop(snapshot: RoutingSnapshot, domain: str) -> Relay | None:
+    """Where mail to `domain` goes when we relay for it; None: not relayed."""
+    hop = snapshot.inbound_relay(domain)
+    if hop is None:
+        return None
+    return Relay(hop.host, hop.port, _TLS[hop.tls], None)
 
 
 def relay_for(sender: str, snapshot: RoutingSnapshot, settings: WorkerSettings) -> Relay | None:

@@ -278,6 +278,19 @@ class RelaySpec(_Model):
     """Secret with the AUTH user name and password, if the relay wants them."""
 
 
+class InboundRelaySpec(_Model):
+    """Where mail to this domain goes on to, instead of into mailboxes (a gateway in front of
+    another mail server, or a backup MX)."""
+
+    host: DomainName
+    """Next hop host name."""
+    port: Annotated[int, Field(gt=0, lt=65536)] = 25
+    """Next hop port."""
+    tls: Literal["opportunistic", "starttls", "implicit", "none"] = "opportunistic"
+    """STARTTLS when offered (any certificate), STARTTLS required and verified, implicit TLS,
+    or plain (trusted networks only)."""
+
+
 class MailDomainSpec(_Model):
     """A mail domain served by Mailkube."""
 
@@ -306,6 +319,9 @@ class MailDomainSpec(_Model):
     """Spam defence for mail to the domain; unset fields: the gateway's defaults."""
     relay: RelaySpec | None = None
     """Outbound smart host for mail from this domain; unset: direct delivery."""
+    inbound_relay: InboundRelaySpec | None = None
+    """Relay mail to this domain to this host instead of into mailboxes; its MailUsers (and
+    catch-all) say which recipients are accepted. Unset: mailboxes."""
     mta_sts: MtaStsSpec | None = None
     """An MTA-STS policy for mail to the domain; unset: none published."""
     tls_rpt: TlsRptSpec | None = None

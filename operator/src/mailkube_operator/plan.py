@@ -33,6 +33,7 @@ from mailkube_core.routing import (
     DomainEntry,
     DomainLimits,
     DomainPolicy,
+    InboundRelay,
     RelayHost,
     RoutingTable,
     TableGlobals,
@@ -323,6 +324,15 @@ def _make_domain(
         ),
         spam=routing_policy(spec.spam),
         relay=relay_host,
+        inbound_relay=(
+            InboundRelay(
+                host=spec.inbound_relay.host,
+                port=spec.inbound_relay.port,
+                tls=spec.inbound_relay.tls,
+            )
+            if spec.inbound_relay is not None
+            else None
+        ),
         mta_sts=mta_sts_policy(spec.mta_sts, mx_hostname) if spec.mta_sts else None,
     )
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from mailkube_core.routing import SpamPolicy, TlsPolicy
+from mailkube_core.routing import InboundRelay, SpamPolicy, TlsPolicy
 from mailkube_core.settings import OperatorSettings
 from mailkube_operator.dkim import PublishedKey
 from mailkube_operator.models import MailDomainSpec, RelayCredentials, SecretKeyRef
@@ -201,6 +201,25 @@ def test_relay_without_its_secret_is_published_with_a_warning() -> None:
     warning = result.domains[("mail", "example")].warning
     assert warning is not None
     assert warning.reason == "RelaySecretMissing"
+
+
+def test_spec_inbound_relay_reaches_the_routing_table_and_a_bad_one_is_invalid() -> None:
+    spec = {"domain": "relayed.test", "inboundRelay": {"host": "mail.internal.example"}}
+    (published,) = plan([domain("relayed", spec)], []).table.domains
+    assert published.inbound_relay == InboundRelay(
+        host="mail.internal.example", port=25, tls="opportunistic"
+    )
+    (plain_domain,) = plan([EXAMPLE], []).table.domains
+    assert plain_domain.inbound_relay is None
+    bad = {"domain": "relayed.test", "inboundRelay": {"host": "x.example", "port": 0,
+                                                      "tls": "maybe"}}  # fmt: skip
+    result = plan([domain("relayed", bad)], [])
+    assert result.table.domains == []
+    rejected = result.domains[("mail", "relayed")].rejected
+    assert rejected is not None
+    assert rejected.reason == "Invalid"
+    assert "inboundRelay.port" in rejected.message
+    assert "inboundRelay.tls" in rejected.message
 
 
 def test_spec_spam_reaches_the_routing_table_unset_fields_left_to_the_gateway() -> None:

@@ -92,6 +92,18 @@ class RelayHost(_Model):
     password: Secret | None = None
 
 
+class InboundRelay(_Model):
+    """The next hop for mail *to* a domain we relay for (Postfix's relay_domains with a
+    transport): the gateway accepts it as for any of our domains, and the worker sends it on
+    to this host instead of into mailboxes, as a mail gateway in front of another server or a
+    backup MX does."""
+
+    host: str
+    port: Annotated[int, Field(gt=0, lt=65536)] = 25
+    #: opportunistic: STARTTLS when offered, any certificate; starttls: required and verified
+    tls: Literal["opportunistic", "starttls", "implicit", "none"] = "opportunistic"
+
+
 class MtaStsPolicy(_Model):
     """The MTA-STS policy (RFC 8461) we publish for mail to one of our domains: the gateway
     serves `text()` at https://mta-sts.<domain>/.well-known/mta-sts.txt, and the TXT record's
@@ -119,6 +131,9 @@ class Domain(_Model):
     spam: SpamPolicy = SpamPolicy()
     limits: DomainLimits = DomainLimits()
     relay: RelayHost | None = None
+    #: mail to this domain goes on to this host, not into mailboxes; its users and aliases
+    #: (and catch-all) say which recipients are accepted, as for a mailbox domain
+    inbound_relay: InboundRelay | None = None
     #: the MTA-STS policy the gateway serves for mta-sts.<name>; None: 404
     mta_sts: MtaStsPolicy | None = None
 

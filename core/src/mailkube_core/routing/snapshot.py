@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..addresses import normalize_address, normalize_domain, split_address
-from .models import Domain, RoutingTable, User
+from .models import Domain, InboundRelay, RoutingTable, User
 
 
 @dataclass(frozen=True)
@@ -59,14 +59,23 @@ class RoutingSnapshot:
         return [self.domain(address.rpartition("@")[2]) for address in recipients]
 
     def is_local_domain(self, name: str) -> bool:
+        """One of our domains: mail to it is accepted from anyone (mailboxes or relayed)."""
         return self.domain(name) is not None
 
     def is_local(self, address: str) -> bool:
-        """The address is in one of our domains (whether or not a mailbox exists)."""
+        """The address is in one of our mailbox domains (whether or not a mailbox exists):
+        mail to it goes to the local lane. A domain we relay for (`inbound_relay`) is ours
+        but not local: its mail goes to the remote lane."""
         try:
-            return self.is_local_domain(split_address(address)[1])
+            domain = self.domain(split_address(address)[1])
         except ValueError:
             return False
+        return domain is not None and domain.inbound_relay is None
+
+    def inbound_relay(self, domain: str) -> InboundRelay | None:
+        """The next hop of a domain we relay for; None for others."""
+        found = self.domain(domain)
+        return found.inbound_relay if found is not None else None
 
     def user(self, address: str) -> User | None:
         """The user whose own address this is (for AUTH and send-as checks)."""
