@@ -23,6 +23,8 @@ import re
 import aiosmtplib
 from aiosmtplib import SMTPResponse
 
+from mailkube_core.line_endings import has_bare_line_ending
+
 #: a CR or LF that is not part of a CRLF pair (RFC 5321 §2.3.8: lines end in CRLF only)
 _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -30,7 +32,7 @@ _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 def crlf_lines(body: bytes) -> bytes:
     """The body with every line ending CRLF. Queued bodies already are (the gateway refuses
     bare CR or LF); the counts are compared first so the common case copies nothing."""
-    if body.count(b"\n") == body.count(b"\r\n") == body.count(b"\r"):
+    if not has_bare_line_ending(body):
         return body
     return _BARE.sub(b"\r\n", body)
 

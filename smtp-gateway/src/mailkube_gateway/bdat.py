@@ -23,7 +23,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .data import CHUNK, DataResult, DataStatus, has_bare_line_ending
+from mailkube_core.line_endings import has_bare_line_ending
+
+from .data import CHUNK, DataResult, DataStatus
 from .data_memory import DataHold
 
 SYNTAX = "501 5.5.4 Syntax: BDAT chunk-size [LAST]"

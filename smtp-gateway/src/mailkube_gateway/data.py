@@ -19,6 +19,8 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailkube_core.line_endings import has_bare_line_ending
+
 from .data_memory import DataHold
 
 END = b"\r\n.\r\n"
@@ -54,13 +56,6 @@ def wire_allowance(limit: int) -> int:
     dot-stuffing adds at most one byte per line (and lines are long), and the exact size is
     checked on the unstuffed content."""
     return limit + limit // 32 + 1024
-
-
-def has_bare_line_ending(content: bytes) -> bool:
-    """Any CR not followed by LF, or LF not preceded by CR: as many CR as LF as CRLF. (Three
-    C-speed passes, the slow one, for CRLF, only when the quick ones agree.)"""
-    lines = content.count(b"\n")
-    return content.count(b"\r") != lines or content.count(b"\r\n") != lines
 
 
 async def read_data(

@@ -18,11 +18,12 @@ from opentelemetry import metrics, trace
 from redis.exceptions import RedisError
 
 from mailkube_core.addresses import normalize_address
+from mailkube_core.line_endings import has_bare_line_ending
 from mailkube_core.queue import Envelope, Recipient
 from mailkube_core.telemetry import Tally, inject_trace_context, span_ids_only, spans_exported
 
 from . import replies, rules
-from .data import DataResult, DataStatus, has_bare_line_ending
+from .data import DataResult, DataStatus
 from .gateway import Gateway
 from .headers import (
     HeaderError,

@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailkube_gateway.data import DataStatus, has_bare_line_ending, read_data, unstuff
+from mailkube_core.line_endings import has_bare_line_ending
+from mailkube_gateway.data import DataStatus, read_data, unstuff
 from mailkube_gateway.headers import HeaderError, check_fields, parse_header_section
 from mailkube_gateway.params import ParamError, decode_xtext, parse_mail_params, parse_rcpt_params
 
