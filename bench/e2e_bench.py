@@ -187,6 +187,8 @@ class Mailkube:
         })  # fmt: skip
         if args.queue_workers:
             env["MAILKUBE_QUEUE_WORKERS"] = str(args.queue_workers)
+        if args.worker_event_loop:
+            env["MAILKUBE_EVENT_LOOP"] = args.worker_event_loop
         if self.sink is not None:
             env["MAILKUBE_SMTP_PORT"] = str(self.sink.port)
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -297,6 +299,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes")
     parser.add_argument("--gateway-processes", type=int, default=1, help="MAILKUBE_PROCESSES")
     parser.add_argument("--queue-workers", type=int, default=0, help="each (0: the default)")
+    parser.add_argument("--worker-event-loop", choices=["uvloop", "asyncio"],
+                        help="the workers' MAILKUBE_EVENT_LOOP (default: theirs)")  # fmt: skip
     parser.add_argument("--messages", type=int, default=3000, help="per run at 2 KiB (÷3 large)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per cell (median)")
     parser.add_argument("--warmup", type=int, default=200)
