@@ -31,6 +31,8 @@ ROUTING = """
 domains:
   - name: Example.TEST
     catch_all: alice@example.test
+  - name: corp.test
+    inbound_relay: {{host: mail.corp.test}}
 users:
   - address: alice@example.test
     password: s3cret-plain
@@ -59,7 +61,7 @@ def test_routing_apply_hashes_plaintext_keeps_hashes_and_show_hides_them(
 
     applied = mailkube("routing", "apply", "-f", str(path), redis_url=redis_url)
     assert applied.returncode == 0, applied.stderr
-    assert "version 1: 1 domain(s), 2 user(s)" in applied.stdout
+    assert "version 1: 2 domain(s), 2 user(s)" in applied.stdout
 
     snapshot = asyncio.run(_load(redis_url))
     alice = snapshot.user("ALICE@example.test")
@@ -75,6 +77,7 @@ def test_routing_apply_hashes_plaintext_keeps_hashes_and_show_hides_them(
     assert "routing table version 1" in shown.stdout
     assert "alice@example.test" in shown.stdout
     assert "suspended" in shown.stdout
+    assert "mail.corp.test:25" in shown.stdout  # a domain we relay for, and where to
     as_yaml = mailkube("routing", "show", "-o", "yaml", redis_url=redis_url)
     assert "<argon2id hash>" in as_yaml.stdout
     assert "$argon2id$" not in shown.stdout + as_yaml.stdout

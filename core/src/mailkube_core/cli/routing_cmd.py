@@ -99,12 +99,13 @@ def show(snapshot: RoutingSnapshot, *, as_yaml: bool) -> None:
     print(f"routing table version {snapshot.version}")
     print()
     print(table(
-        ["DOMAIN", "USERS", "DKIM", "CATCH-ALL", "DMARC", "SPF FAIL", "RELAY"],
+        ["DOMAIN", "USERS", "DKIM", "CATCH-ALL", "DMARC", "SPF FAIL", "RELAY", "RELAYED TO"],
         [
             [d.name, sum(1 for u in snapshot.table.users if u.domain == d.name),
              ",".join(f"{k.selector}/{k.algorithm.split('-')[0]}" for k in d.dkim) or "-",
              d.catch_all or "-", d.policy.dmarc or "default", d.policy.spf_fail or "default",
-             f"{d.relay.host}:{d.relay.port}" if d.relay else "-"]
+             f"{d.relay.host}:{d.relay.port}" if d.relay else "-",
+             f"{d.inbound_relay.host}:{d.inbound_relay.port}" if d.inbound_relay else "-"]
             for d in snapshot.table.domains
         ],
     ))  # fmt: skip
