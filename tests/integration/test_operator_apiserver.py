@@ -157,6 +157,11 @@ async def test_examples_converge_with_the_charts_rbac_then_update_and_delete(
             assert published is not None
             assert sorted(k.selector for k in published.signing_keys()) == [
                 "mk2025", "mk2025-ed25519"]  # fmt: skip
+            relayed = snapshot.domain("corp.example.org")  # the example's inboundRelay
+            assert relayed is not None
+            assert relayed.inbound_relay is not None
+            assert (relayed.inbound_relay.host, relayed.inbound_relay.tls) == (
+                "exchange.corp.example.org", "starttls")  # fmt: skip
             return domain
 
         domain = await eventually(converged, CONVERGE)
