@@ -31,7 +31,8 @@ _BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
 def crlf_lines(body: bytes) -> bytes:
     """The body with every line ending CRLF. Queued bodies already are (the gateway refuses
-    bare CR or LF); the counts are compared first so the common case copies nothing."""
+    bare CR or LF); they are checked first (core/line_endings.py), so the common case copies
+    nothing."""
     if not has_bare_line_ending(body):
         return body
     return _BARE.sub(b"\r\n", body)

@@ -126,7 +126,8 @@ def recipient_decision(
         return replies.UNKNOWN_USER
     if mailbox.user.suspended:
         return replies.SUSPENDED
-    return TakeRecipient(address, local=True, user=mailbox.user)
+    # a domain we relay for checks its recipients as ours, but delivers them elsewhere
+    return TakeRecipient(address, local=snapshot.is_local(address), user=mailbox.user)
 
 
 def domain_size_limit(snapshot: RoutingSnapshot, recipients: list[str]) -> float:

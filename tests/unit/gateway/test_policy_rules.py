@@ -29,12 +29,14 @@ SNAPSHOT = RoutingSnapshot(
             {"name": "limited.test",
              "limits": {"max_messages_per_minute": 7, "max_message_size": 1000}},
             {"name": "catchall.test", "catch_all": "alice@example.test"},
+            {"name": "relayed.test", "inbound_relay": {"host": "mail.internal.test"}},
         ],
         "users": [
             {"address": "alice@example.test", "aliases": ["info@example.test"],
              "send_as": ["news@example.test"], "quota": 1000},
             {"address": "gone@example.test", "suspended": True},
             {"address": "carol@limited.test"},
+            {"address": "staff@relayed.test"},
         ],
     }),
     1,
@@ -151,6 +153,14 @@ def test_routing_characters_in_a_local_address_are_refused_unauthenticated(to: s
 
 def test_an_authenticated_user_relays_anywhere() -> None:
     assert rcpt(ALICE, "bob@remote.test") == TakeRecipient("bob@remote.test", local=False)
+
+
+def test_a_domain_we_relay_for_takes_its_known_recipients_from_anyone_as_not_local() -> None:
+    assert rcpt(MX, "staff@relayed.test") == TakeRecipient(
+        "staff@relayed.test", local=False, user=SNAPSHOT.user("staff@relayed.test")
+    )
+    assert rcpt(MX, "nobody@relayed.test") == replies.UNKNOWN_USER
+    assert rcpt(MX, "staff@sub.relayed.test") == replies.RELAY_DENIED
 
 
 def test_unknown_and_disabled_local_recipients() -> None:
