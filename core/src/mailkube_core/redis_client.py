@@ -40,10 +40,12 @@ def connect_redis(settings: CommonSettings, **overrides: Any) -> RedisClient:
     options: dict[str, Any] = {
         "decode_responses": False,
         "health_check_interval": 30,
-        "socket_keepalive": True,
         "socket_timeout": timeout,
         "socket_connect_timeout": timeout,
     }
+    if not settings.redis_url.startswith("unix://"):
+        # TCP only: redis-py's Unix socket connection refuses the option
+        options["socket_keepalive"] = True
     password = settings.redis_secret()
     if password is not None:
         options["password"] = password
