@@ -33,6 +33,7 @@ from mailkube_core.queue import (
     RetryPolicy,
 )
 from mailkube_core.redis_client import connect_redis
+from mailkube_core.redis_multiplexed import multiplexed
 from mailkube_core.settings import CommonSettings
 
 T = TypeVar("T")
@@ -769,3 +770,25 @@ async def test_consumer_hands_batches_of_a_batched_lane_to_the_batch_handler(
     assert len(single) == len(set(single)) == 40
     assert set(local) | set(single) == ids
     assert max(len(b) for b in batches) == 8
+
+
+async def test_no_body_goes_through_lua(private_redis: Any) -> None:
+    """Redis hashes every Lua string byte by byte: enqueue is a transaction of plain commands,
+    and a claim reads messages with HGETALL beside its marking script, on the gateway's shared
+    connection as on a pooled one."""
+    settings = CommonSettings(redis_url=private_redis.url)
+    for client in (connect_redis(settings), multiplexed(connect_redis(settings))):
+        q = Queue(client, prefix=f"lua{uuid.uuid4().hex[:6]}")
+        await q.ensure_groups()
+        await client.config_resetstat()
+        body = os.urandom(100 * 1024)
+        (message_id,) = await q.enqueue(envelope("alice@example.test"), body, is_local=is_local)
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_exec"]["calls"] == 1
+        assert not {"cmdstat_eval", "cmdstat_evalsha"} & set(stats), stats
+        (claimed,) = await q.claim("c", "local", 0, count=5, block=None)
+        assert (claimed.id, claimed.body, claimed.deliveries) == (message_id, body, 1)
+        stats = await client.info("commandstats")
+        assert stats["cmdstat_hgetall"]["calls"] == 1
+        assert stats["cmdstat_eval"]["calls"] == 1  # the marks: consumer, time, deliveries
+        await client.aclose()

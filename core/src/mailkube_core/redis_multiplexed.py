@@ -4,8 +4,10 @@ redis-py's private side, in one place.
 `multiplexed()` gives a standalone client whose hot-path commands (EVALSHA, GET, HGET, ZREM)
 from every session of the process go down one connection: the commands of one event-loop turn
 in one write at its end, the replies matched in order (what other clients call
-auto-pipelining). The gateway's rate limits and leases (mailkube_gateway/ratelimit.py) and the
-queue's enqueue (`Queue.enqueue`: its script is an EVALSHA) use it. Redis runs them one by one
+auto-pipelining). The gateway's rate limits and leases (mailkube_gateway/ratelimit.py) use
+it, and so does the queue's enqueue (`Queue.enqueue`: a MULTI/EXEC transaction, which
+`multi_exec` queues in one go, so that no other session's command comes between). Redis runs
+them one by one
 as always; the process saves a pool checkout, a syscall pair and the client's bookkeeping per
 command, and Redis reads many commands per wake-up. Each request there has the client's
 deadline (its socket_timeout: redis_timeout); one that passes it fails every request on the
@@ -34,6 +36,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import hiredis
@@ -41,7 +44,7 @@ from redis._parsers.base import BaseParser
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import InvalidResponse, ReadOnlyError
+from redis.exceptions import ExecAbortError, InvalidResponse, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .redis_client import RedisClient
@@ -240,6 +243,33 @@ class MultiplexedRedis(Redis):
         request = hiredis.pack_command(args)
         return await connection.send(request, asyncio.get_running_loop(), urgent=urgent)
 
+    async def multi_exec(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """MULTI, `commands`, EXEC down the shared connection, one after the other in the same
+        write (no other session's command can come between: they are queued in one go), and
+        EXEC's replies, hiredis's as they are. An error reply among them is raised (Redis ran
+        the others: a transaction is not rolled back); a command refused while queued
+        (EXECABORT: none ran) raises that command's error."""
+        connection = self._connection
+        if connection is None or connection.closed or connection.transport.is_closing():
+            connection = await self._open()
+        loop = asyncio.get_running_loop()
+        requests = [("MULTI",), *commands, ("EXEC",)]
+        futures = [connection.send(hiredis.pack_command(tuple(r)), loop) for r in requests]
+        for queued in futures[:-1]:  # their errors come back in EXEC's (EXECABORT)
+            queued.add_done_callback(_retrieved)
+        try:
+            replies: list[Any] = await futures[-1]
+        except ExecAbortError:  # say why: the reply to the command refused while queued
+            for queued in futures[1:-1]:
+                refused = None if queued.cancelled() else queued.exception()
+                if refused is not None:
+                    raise refused from None
+            raise
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
+
     async def _open(self) -> _Connection:
         """One attempt at a time, shared by every request that comes meanwhile: when it fails
         (Redis frozen: after the connect deadline), they all fail together, instead of each
@@ -290,6 +320,23 @@ class MultiplexedRedis(Redis):
         if connection is not None and not connection.closed:
             connection.transport.close()
         await super().aclose(close_connection_pool)
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+async def transaction(redis: RedisClient, commands: Sequence[Sequence[Any]]) -> list[Any]:
+    """MULTI `commands` EXEC in one round trip, on whichever client: the shared connection of a
+    MultiplexedRedis, else a redis-py transaction pipeline (on Cluster, every key in one slot).
+    Raises the first error reply."""
+    if isinstance(redis, MultiplexedRedis):
+        return await redis.multi_exec(commands)
+    async with redis.pipeline(transaction=True) as pipe:
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute()
 
 
 def multiplexed(redis: RedisClient) -> RedisClient:

@@ -284,3 +284,40 @@ async def test_every_request_meanwhile_shares_one_attempt_to_open_the_connection
         assert await client.get("back") == b"1"
     finally:
         await client.aclose()
+
+
+async def test_a_transaction_goes_down_the_shared_connection_whole(redis_url: str) -> None:
+    """MULTI, its commands and EXEC are queued in one go: another session's commands of the
+    same turn go before or after, never inside (Redis would queue them in the transaction)."""
+    client = multiplexed(Redis.from_url(redis_url))
+    assert isinstance(client, MultiplexedRedis)
+    try:
+        await client.get("warm")  # opens the shared connection
+        others = [client.get(f"other{n}") for n in range(20)]
+        both = await asyncio.gather(
+            *others[:10],
+            client.multi_exec(
+                [("HSET", "tx", "body", b"\x00\r\n" * 1000), ("ZADD", "txz", 1, "m")]
+            ),
+            *others[10:],
+        )
+        assert both[10] == [1, 1]
+        assert both[:10] == both[11:] == [None] * 10  # plain replies, not QUEUED
+        with redis.Redis.from_url(redis_url) as plain:
+            assert plain.hget("tx", "body") == b"\x00\r\n" * 1000
+            assert plain.zscore("txz", "m") == 1
+            plain.set("astring", "x")
+        # an error at EXEC (a command on the wrong type) is raised; the rest ran (no rollback)
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await client.multi_exec([("HSET", "astring", "f", "v"), ("SET", "ran", "1")])
+        assert await client.get("ran") == b"1"
+        # a command refused while queued aborts the whole: nothing ran
+        with pytest.raises(ResponseError, match="wrong number of arguments"):
+            await client.multi_exec([("SET", "aborted", "1"), ("HSET", "odd")])
+        assert await client.get("aborted") is None
+        # the connection is fit for what comes next
+        assert await client.get("ran") == b"1"
+        assert client.shared_connection is not None
+        assert not client.shared_connection.closed
+    finally:
+        await client.aclose()

@@ -2,12 +2,13 @@
 
 Redis acknowledges a write to its replicas per connection: WAIT (and WAITAOF) block until the
 writes sent *on this connection* reached N replicas (WAITAOF: reached their AOF, fsynced).
-So the script and the wait go down one connection taken from the pool, in one write.
+So the transaction (MULTI/EXEC) and the wait go down one connection taken from the pool, in
+one write.
 
 WAITAOF came with Redis 7.2. Which command a server has is learnt once per connection (per
 socket: a failover or a restart may put another server behind the same pool connection): the
 first enqueue on it asks WAITAOF; on "unknown command" it asks WAIT on the same connection at
-once (the wait still covers the script's writes), and that socket asks WAIT from then on.
+once (the wait still covers the transaction's writes), and that socket asks WAIT from then on.
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..redis_multiplexed import socket_of
@@ -48,7 +48,7 @@ async def _exchange(connection: AbstractConnection, *commands: Sequence[Any]) ->
 
 def _ack_command(replicas: int, timeout_ms: int, waitaof: bool) -> tuple[Any, ...]:
     # WAITAOF numlocal 0: the primary's own fsync is appendfsync always's, done before the
-    # script's reply
+    # transaction's reply
     if waitaof:
         return ("WAITAOF", 0, replicas, timeout_ms)
     return ("WAIT", replicas, timeout_ms)
@@ -65,30 +65,26 @@ def _unknown_command(reply: Any) -> bool:
 
 async def _enqueue_on(
     connection: AbstractConnection,
-    script: AsyncScript,
-    keys: Sequence[Any],
-    args: Sequence[Any],
+    commands: Sequence[Sequence[Any]],
     replicas: int,
     timeout_ms: int,
 ) -> Any:
     socket = socket_of(connection)
     waitaof = socket not in _WITHOUT_WAITAOF
-    run = ("EVALSHA", script.sha, len(keys), *keys, *args)
-    result, ack = await _exchange(connection, run, _ack_command(replicas, timeout_ms, waitaof))
+    run = [("MULTI",), *commands, ("EXEC",)]
+    *_queued, result, ack = await _exchange(
+        connection, *run, _ack_command(replicas, timeout_ms, waitaof)
+    )
     if waitaof and _unknown_command(ack):
         waitaof = False
         if socket is not None:
             _WITHOUT_WAITAOF.add(socket)
-        if not isinstance(result, NoScriptError):
-            (ack,) = await _exchange(connection, _ack_command(replicas, timeout_ms, False))
-    if isinstance(result, NoScriptError):  # Redis restarted, or failed over: nothing written
-        await connection.send_command("SCRIPT", "LOAD", script.script)
-        loaded = await connection.read_response()
-        script.sha = loaded.decode() if isinstance(loaded, bytes) else str(loaded)
-        run = ("EVALSHA", script.sha, len(keys), *keys, *args)
-        result, ack = await _exchange(connection, run, _ack_command(replicas, timeout_ms, waitaof))
-    if isinstance(result, Exception):
+        (ack,) = await _exchange(connection, _ack_command(replicas, timeout_ms, False))
+    if isinstance(result, Exception):  # EXECABORT: one was refused while queued, none ran
         raise result
+    for reply in result:
+        if isinstance(reply, Exception):
+            raise reply
     if isinstance(ack, Exception):
         raise ack
     acknowledged = _acknowledged(ack)
@@ -99,20 +95,19 @@ async def _enqueue_on(
 
 async def enqueue_acknowledged(
     redis: Redis,
-    script: AsyncScript,
-    keys: Sequence[Any],
-    args: Sequence[Any],
+    commands: Sequence[Sequence[Any]],
     *,
     replicas: int,
     timeout_ms: int,
 ) -> Any:
-    """Run `script` and wait until `replicas` replicas acknowledged its writes, within
-    `timeout_ms` (keep it under the connection's socket timeout: the wait is one request).
-    Returns the script's result; raises TooFewReplicas when fewer acknowledged."""
+    """Run `commands` as one transaction (MULTI/EXEC) and wait until `replicas` replicas
+    acknowledged its writes, within `timeout_ms` (keep it under the connection's socket
+    timeout: the wait is one request). Returns EXEC's replies; raises TooFewReplicas when
+    fewer acknowledged."""
     pool = redis.connection_pool
     connection = await pool.get_connection()  # type: ignore[no-untyped-call]
     try:
-        return await _enqueue_on(connection, script, keys, args, replicas, timeout_ms)
+        return await _enqueue_on(connection, commands, replicas, timeout_ms)
     except (ResponseError, TooFewReplicas):
         raise  # every reply was read: the connection is fit for the next one
     except BaseException:

@@ -1,36 +1,18 @@
 """Lua scripts of the queue. Each touches the keys of one partition only (one hash tag), so
 each is atomic on Redis Cluster too. GROUP is the consumer group, `workers`."""
 
-# KEYS[1] messages index; per message i: KEYS[2i] message hash, KEYS[2i+1] its lane's stream.
-# ARGV[1] now (ms), ARGV[2] body; per message i: ARGV[3i] id, ARGV[3i+1] lane, ARGV[3i+2] envelope.
-ENQUEUE = """
-local n = (#KEYS - 1) / 2
-for i = 1, n do
-  local id = ARGV[3*i]
-  redis.call('HSET', KEYS[2*i], 'envelope', ARGV[3*i+2], 'body', ARGV[2],
-             'lane', ARGV[3*i+1], 'attempts', 0, 'deliveries', 0)
-  redis.call('ZADD', KEYS[1], ARGV[1], id)
-  redis.call('XADD', KEYS[2*i+1], '*', 'id', id)
-end
-return n
-"""
-
 # After XREADGROUP/XAUTOCLAIM handed us entries (all of one partition, so one slot): mark each
-# claim and load each message, in one round trip.
+# claim; the same transaction then reads each message with HGETALL (Queue._load), so that no
+# body passes through Lua (Redis hashes every Lua string byte by byte).
 # KEYS message hashes. ARGV[1] consumer, ARGV[2] now (ms).
-# Returns one item per key: the hash's fields, or an empty list when the message was deleted.
 LOAD_CLAIMED = """
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('EXISTS', key) == 0 then
-    out[i] = {}
-  else
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then
     redis.call('HINCRBY', key, 'deliveries', 1)
     redis.call('HSET', key, 'claimed_by', ARGV[1], 'claimed_at', ARGV[2])
-    out[i] = redis.call('HGETALL', key)
   end
 end
-return out
+return #KEYS
 """
 
 # Drop a stream entry whose message is gone (deleted from the CLI).

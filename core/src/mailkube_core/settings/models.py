@@ -353,8 +353,8 @@ class GatewaySettings(CommonSettings, DomainSpamDefaults):
     """How long a client network that logged in as a user is remembered (renewed at each
     login); from it, the user is never refused and waits only for its own failures."""
     enqueue_timeout: Duration = timedelta(seconds=10)
-    """Longest wait for Redis to queue a message, all its requests together (the script,
-    loading it again, the replicas' WAIT); after it the client gets 451 4.3.0. Each request
+    """Longest wait for Redis to queue a message, all its requests together (the
+    transaction, the replicas' WAIT); after it the client gets 451 4.3.0. Each request
     within it is bounded by redis_timeout too."""
     enqueue_replicas: Annotated[int, Field(ge=0)] = 0
     """Replicas that must acknowledge a message (Redis WAITAOF where the server has it, 7.2
