@@ -183,6 +183,7 @@ async def test_binarymime_content_is_queued_byte_for_byte(redis_url: str, tmp_pa
         await client.close()
         [info] = await gw.messages()
         assert info.envelope.body_type == "BINARYMIME"
+        assert not info.envelope.crlf_checked  # binary: no lines to check
         assert (await gw.body(info.id)).endswith(BINARY)
 
 
@@ -200,3 +201,31 @@ async def test_binarymime_refuses_data_and_a_header_section_with_bare_line_ends(
         assert (await bdat(client, smuggled, last=True)).startswith("554 5.6.0")
         await client.close()
         assert await gw.messages() == []
+
+
+async def test_the_envelope_says_what_the_gateway_checked_of_the_lines(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Envelope.crlf_checked and dot_lines spare the worker a scan of the body before DATA:
+    true only of what the gateway knows (DATA: both; BDAT: CRLF lines only, dots unknown;
+    BINARYMIME: neither)."""
+    async with running_gateway(redis_url, tmp_path) as gw:
+        client = await RawClient.connect(gw.mx)
+        await transaction(client)
+        assert (await client.command("DATA")).startswith("354")
+        assert (await client.command(HEADER + b"no dot here\r\nx.\r\n.")).startswith("250 2.0.0")
+        await transaction_again(client)
+        assert (await client.command("DATA")).startswith("354")
+        assert (await client.command(HEADER + b"a\r\n..dotted\r\n.")).startswith("250 2.0.0")
+        await transaction_again(client)
+        assert (await bdat(client, HEADER + b"no dot\r\n", last=True)).startswith("250 2.0.0")
+        await client.close()
+        flags = {}
+        for info in await gw.messages():
+            body = await gw.body(info.id)
+            flags[body.split(HEADER)[1]] = (info.envelope.crlf_checked, info.envelope.dot_lines)
+        assert flags == {
+            b"no dot here\r\nx.\r\n": (True, False),
+            b"a\r\n.dotted\r\n": (True, True),
+            b"no dot\r\n": (True, True),
+        }

@@ -284,3 +284,21 @@ async def test_binarymime_from_the_worker_to_the_gateway_byte_for_byte(
     assert envelope.body_type == "BINARYMIME"
     assert body is not None
     assert body.endswith(BINARY), "content changed on the way"
+
+
+@pytest.mark.parametrize(
+    ("crlf_checked", "dot_lines"), [(True, True), (True, False), (False, True)]
+)
+async def test_data_takes_what_the_producer_checked_and_sends_the_same_lines(
+    redis_url: str, tmp_path: Path, telemetry: Telemetry, crlf_checked: bool, dot_lines: bool
+) -> None:
+    """Envelope.crlf_checked and dot_lines only spare the worker its scans: the peer gets the
+    same content either way (dot_lines False is said only of a body without dotted lines)."""
+    body = BODY if dot_lines else BODY.replace(b"\r\n.", b"\r\n_")
+    settings = worker_settings(redis_url, tmp_path / "mail")
+    async with recording("PIPELINING", "8BITMIME") as peer:
+        await deliver(via(settings, peer.port), telemetry, ["r@far.test"], body,
+                      crlf_checked=crlf_checked, dot_lines=dot_lines)  # fmt: skip
+    stuffed = b"".join(b"." + line if line.startswith(b".") else line
+                       for line in body.splitlines(keepends=True))  # fmt: skip
+    assert peer.contents == [stuffed]

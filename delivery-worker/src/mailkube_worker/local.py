@@ -330,6 +330,9 @@ class LocalDelivery:
             smtputf8=original.smtputf8,
             received_at=original.received_at,
             trace_context=original.trace_context,
+            # the body with a field before it: what was checked of it still holds
+            crlf_checked=original.crlf_checked,
+            dot_lines=original.dot_lines,
         )
         body = f"Delivered-To: {recipient.address}\r\n".encode() + claimed.body
         return Forward(index, envelope, body)

@@ -197,8 +197,10 @@ class SmtpSession:
         Per-recipient results; SessionError if the connection broke before the outcome was
         known."""
         if envelope.body_type != "BINARYMIME":
-            # BDAT's octets are taken as they are; DATA's content is lines (RFC 5321 §2.3.8)
-            body = crlf_lines(body)
+            # BDAT's octets are taken as they are; DATA's content is lines (RFC 5321 §2.3.8),
+            # checked here unless the producer did (Envelope.crlf_checked)
+            if not envelope.crlf_checked:
+                body = crlf_lines(body)
             if not body.endswith(b"\r\n"):
                 body += b"\r\n"
         mta = self.remote_mta
@@ -233,7 +235,7 @@ class SmtpSession:
             if self.chunking:
                 reply = await bdat_last(self.smtp, body, DATA_TIMEOUT)
             else:
-                reply = await data(self.smtp, body, DATA_TIMEOUT)
+                reply = await data(self.smtp, body, DATA_TIMEOUT, envelope.dot_lines)
             for index in accepted:
                 results[index] = from_reply(reply.code, reply.message, mta)
             return results

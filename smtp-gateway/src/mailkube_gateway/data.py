@@ -42,6 +42,9 @@ class DataResult:
     content: bytes
     #: bytes received on the wire, up to and including the final CRLF "." CRLF
     wire_size: int
+    #: a line of `content` may start with "." (sending it on by DATA stuffs it again); False
+    #: only when none does (known for free while unstuffing; BDAT content is not looked at)
+    dot_lines: bool = True
 
 
 def unstuff(wire: bytes) -> bytes:
@@ -113,7 +116,9 @@ async def read_data(
     del buffer
     if has_bare_line_ending(wire):
         return DataResult(DataStatus.BARE_LINE_ENDING, b"", wire_size)
-    content = unstuff(wire)
+    # without a CRLF "." on the wire, only the first line can start with a dot after unstuffing
+    stuffed = wire.rfind(b"\r\n.") >= 0
+    content = unstuff(wire) if stuffed or wire.startswith(b".") else wire
     if len(content) > limit:
         return DataResult(DataStatus.TOO_BIG, b"", wire_size)
-    return DataResult(DataStatus.OK, content, wire_size)
+    return DataResult(DataStatus.OK, content, wire_size, stuffed or content.startswith(b"."))

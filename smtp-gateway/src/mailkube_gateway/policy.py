@@ -270,14 +270,16 @@ class Policy:
             )
         if not spans_exported():  # nobody would see the span: only its ids (providers.py)
             with trace.use_span(span_ids_only(span), end_on_exit=True) as ids:
-                return await self._accept(txn, content, ids)
+                return await self._accept(txn, content, result.dot_lines, ids)
         context = trace.set_span_in_context(span) if span else None
         with _tracer.start_as_current_span(
             "smtp.message", context=context, attributes={"smtp.transaction": txn.id}
         ) as message_span:
-            return await self._accept(txn, content, message_span)
+            return await self._accept(txn, content, result.dot_lines, message_span)
 
-    async def _accept(self, txn: Transaction, content: bytes, span: trace.Span) -> str:
+    async def _accept(
+        self, txn: Transaction, content: bytes, dot_lines: bool, span: trace.Span
+    ) -> str:
         conn = txn.client
         listener = conn.listener
         screen = self.screen
@@ -324,6 +326,13 @@ class Policy:
             received += f"{trace_field}\r\n".encode()
         tags = b"".join(f"{header}\r\n".encode() for header in outcome.headers)
         body = received + tags + outcome.content
+        # What follows the header section is the content as read: checked for bare CR or LF
+        # and for dotted lines (data.py). The header section is ours now (fields added,
+        # removed, rewritten): look at it again, a few KB, so that the worker need not scan
+        # the whole body before DATA.
+        text = txn.params.body != "BINARYMIME"
+        head_end = body.find(b"\r\n\r\n")
+        head = body if head_end < 0 else body[: head_end + 4]
         envelope = Envelope(
             mail_from=txn.mail_from,
             recipients=txn.recipients,
@@ -338,6 +347,8 @@ class Policy:
             listener=listener,
             trace_context=inject_trace_context(),
             annotations=outcome.annotations,
+            crlf_checked=text and not has_bare_line_ending(head),
+            dot_lines=dot_lines or head.startswith(b".") or b"\r\n." in head,
         )
         snapshot = self.gateway.routing.snapshot
         try:

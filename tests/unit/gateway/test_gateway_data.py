@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailkube_core.line_endings import has_bare_line_ending
-from mailkube_gateway.data import DataStatus, read_data, unstuff
+from mailkube_gateway.data import DataResult, DataStatus, read_data, unstuff
 from mailkube_gateway.headers import HeaderError, check_fields, parse_header_section
 from mailkube_gateway.params import ParamError, decode_xtext, parse_mail_params, parse_rcpt_params
 
@@ -111,3 +111,22 @@ def test_params() -> None:
         with pytest.raises(ParamError):
             parse_rcpt_params(bad)
     assert decode_xtext("a+3Db") == "a=b"
+
+
+@settings(deadline=None)
+@given(st.lists(st.sampled_from([b"", b".", b"..", b"x", b".x", b"x.", b"..y"]), max_size=12))
+def test_dot_lines_is_false_only_when_no_line_starts_with_a_dot(lines: list[bytes]) -> None:
+    stuffed = b"".join((b"." if line.startswith(b".") else b"") + line + b"\r\n" for line in lines)
+
+    async def read_it() -> DataResult:
+        reader = asyncio.StreamReader()
+        reader.feed_data(stuffed + b".\r\n")
+        reader.feed_eof()
+        return await read_data(reader, lambda _: None, limit=10_000)
+
+    result = asyncio.run(read_it())
+    assert result.content == b"".join(line + b"\r\n" for line in lines)
+    if not result.dot_lines:
+        assert not any(line.startswith(b".") for line in result.content.split(b"\r\n"))
+    # what the client left unstuffed counts too: ".x" on the wire is "x" in the content
+    assert result.dot_lines == any(line.startswith(b".") for line in lines)

@@ -68,6 +68,13 @@ class Envelope(BaseModel):
     trace_context: dict[str, str] = Field(default_factory=dict)
     #: verdicts for the worker, e.g. {"quarantine": "dmarc"}
     annotations: dict[str, str] = Field(default_factory=dict)
+    #: what the producer checked of a text body, so that the worker need not scan it again
+    #: before DATA: every CR and LF is in a CRLF pair (RFC 5321 §2.3.8). False: not checked
+    #: (the worker checks). The gateway checked what it read and the fields it added.
+    crlf_checked: bool = False
+    #: a line of the body may start with "." (DATA stuffs it, RFC 5321 §4.5.2); False only
+    #: when the producer knows none does, so the worker skips looking for one
+    dot_lines: bool = True
 
     def wants_dsn(self, index: int, kind: Literal["failure", "delay", "success"]) -> bool:
         """Whether recipient `index` asked for this kind of DSN (RFC 3461 §4.1); never for <>."""
