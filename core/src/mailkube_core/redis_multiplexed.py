@@ -81,7 +81,10 @@ class _Connection(asyncio.Protocol):
         #: the one timer that checks the oldest request's deadline while requests wait
         #: (re-armed when it fires, not per request)
         self.watchdog: asyncio.TimerHandle | asyncio.Handle | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
+        #: the loop the connection was made in, kept: asyncio.get_running_loop() costs a
+        #: getpid() system call on CPython 3.11, and the hot path sends several requests a
+        #: message
+        self.loop: asyncio.AbstractEventLoop = asyncio.get_running_loop()
         #: requests not written yet
         self.outgoing: list[bytes] = []
         #: the write to come: at the end of this turn or, when only requests nobody waits
@@ -112,7 +115,6 @@ class _Connection(asyncio.Protocol):
         if timeout is not None:
             self.due.append(time.monotonic() + timeout)
             if self.watchdog is None:
-                self.loop = loop
                 self.watchdog = loop.call_later(timeout, self._watch)
         flush = self.flush
         if urgent:
@@ -173,7 +175,6 @@ class _Connection(asyncio.Protocol):
             return
         left = self.due[0] - time.monotonic()
         if left > 0:  # the oldest request now is younger than the one the timer was set for
-            assert self.loop is not None
             self.watchdog = self.loop.call_later(left, self._watch)
             return
         log.warning(
@@ -241,7 +242,7 @@ class MultiplexedRedis(Redis):
         if connection is None or connection.closed or connection.transport.is_closing():
             connection = await self._open()
         request = hiredis.pack_command(args)
-        return await connection.send(request, asyncio.get_running_loop(), urgent=urgent)
+        return await connection.send(request, connection.loop, urgent=urgent)
 
     async def multi_exec(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
         """MULTI, `commands`, EXEC down the shared connection, one after the other in the same
@@ -252,7 +253,7 @@ class MultiplexedRedis(Redis):
         connection = self._connection
         if connection is None or connection.closed or connection.transport.is_closing():
             connection = await self._open()
-        loop = asyncio.get_running_loop()
+        loop = connection.loop
         requests = [("MULTI",), *commands, ("EXEC",)]
         futures = [connection.send(hiredis.pack_command(tuple(r)), loop) for r in requests]
         for queued in futures[:-1]:  # their errors come back in EXEC's (EXECABORT)

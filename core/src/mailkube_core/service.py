@@ -48,6 +48,7 @@ def run_service(
     settings = load_settings_or_exit(settings_model, prog)
     setup_logging(name, settings.log_level, settings.log_format)
     raise_fd_limit()
+    tune_gc()
     try:
         with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
             runner.run(_run(name, settings, main))
@@ -57,6 +58,23 @@ def run_service(
         for line in str(exc).splitlines():
             print(f"{prog}: {line}", file=sys.stderr)
         sys.exit(2)
+
+
+#: container allocations between young-generation collections (CPython's default: 700)
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def tune_gc() -> None:
+    """Fewer cyclic-GC passes on the hot path. A message allocates thousands of short-lived
+    containers that reference counting frees; at CPython's default a young collection ran
+    every 700 of them (2.6% of the gateway's samples at 2 KiB, py-spy). The objects of the
+    start (modules, settings, tables) move to the permanent generation (`gc.freeze`), so the
+    full collections left do not walk them again."""
+    import gc
+
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def raise_fd_limit() -> int:

@@ -751,3 +751,16 @@ def test_a_service_raises_its_open_file_limit_to_the_hard_limit() -> None:
     before, now, hard = (int(v) for v in result.stdout.split())
     assert before == 256
     assert now == hard
+
+
+def test_a_service_collects_young_garbage_less_often_and_freezes_what_it_started_with() -> None:
+    script = (
+        "import gc\n"
+        "from mailkube_core.service import GC_YOUNG_THRESHOLD, tune_gc\n"
+        "tune_gc()\n"
+        "print(gc.get_threshold()[0] == GC_YOUNG_THRESHOLD, gc.get_freeze_count() > 1000)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert result.stdout.split() == ["True", "True"]
