@@ -754,6 +754,9 @@ def test_a_service_raises_its_open_file_limit_to_the_hard_limit() -> None:
 
 
 def test_a_service_collects_young_garbage_less_often_and_freezes_what_it_started_with() -> None:
+    import subprocess
+    import sys
+
     script = (
         "import gc\n"
         "from mailkube_core.service import GC_YOUNG_THRESHOLD, tune_gc\n"
