@@ -15,6 +15,10 @@ class _Recorder:
         self.writes.append(data)
         self.transport.write(data)
 
+    def writelines(self, data: list[bytes]) -> None:
+        self.writes.append(b"".join(data))  # one write, as the transport makes it
+        self.transport.writelines(data)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.transport, name)
 

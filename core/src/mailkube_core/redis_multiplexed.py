@@ -135,7 +135,9 @@ class _Connection(asyncio.Protocol):
         if self.outgoing:
             # closing: connection_lost fails their futures
             if not self.closed and not self.transport.is_closing():
-                self.transport.write(b"".join(self.outgoing))
+                # uvloop writes the list with one writev, without joining it (a copy of
+                # every body being queued); asyncio's transports join it
+                self.transport.writelines(self.outgoing)
             self.outgoing.clear()
 
     def data_received(self, data: bytes) -> None:

@@ -130,3 +130,15 @@ def test_dot_lines_is_false_only_when_no_line_starts_with_a_dot(lines: list[byte
         assert not any(line.startswith(b".") for line in result.content.split(b"\r\n"))
     # what the client left unstuffed counts too: ".x" on the wire is "x" in the content
     assert result.dot_lines == any(line.startswith(b".") for line in lines)
+
+
+@pytest.mark.parametrize("pieces", [1, 4])
+async def test_the_first_end_of_data_ends_it_however_many_follow(pieces: int) -> None:
+    # a second "message" pipelined behind the first is the next commands' business
+    assert await read(b"a\r\n.\r\nb\r\n.\r\nc\r\n.\r\n", pieces=pieces) == (
+        DataStatus.OK,
+        b"a\r\n",
+        b"b\r\n.\r\nc\r\n.\r\n",
+    )
+    # overlapping ends: CRLF "." CRLF "." CRLF ends at the first
+    assert await read(b"a\r\n.\r\n.\r\n", pieces=pieces) == (DataStatus.OK, b"a\r\n", b".\r\n")
