@@ -36,6 +36,7 @@ from mailkube_core.redis_client import connect_redis
 from mailkube_core.routing import Domain, RoutingTable, User
 from mailkube_core.settings import GatewaySettings, WorkerSettings
 from mailkube_core.telemetry import Telemetry
+from mailkube_worker import smtp_client
 
 CAROL = User(address="carol@example.test")
 #: lines starting with a dot (DATA would stuff them), long enough for many TCP segments
@@ -290,15 +291,30 @@ async def test_binarymime_from_the_worker_to_the_gateway_byte_for_byte(
     ("crlf_checked", "dot_lines"), [(True, True), (True, False), (False, True)]
 )
 async def test_data_takes_what_the_producer_checked_and_sends_the_same_lines(
-    redis_url: str, tmp_path: Path, telemetry: Telemetry, crlf_checked: bool, dot_lines: bool
+    redis_url: str,
+    tmp_path: Path,
+    telemetry: Telemetry,
+    monkeypatch: pytest.MonkeyPatch,
+    crlf_checked: bool,
+    dot_lines: bool,
 ) -> None:
-    """Envelope.crlf_checked and dot_lines only spare the worker its scans: the peer gets the
-    same content either way (dot_lines False is said only of a body without dotted lines)."""
+    """Envelope.crlf_checked and dot_lines spare the worker its scans, and only that: the peer
+    gets the same content either way (dot_lines False is said only of a body without dotted
+    lines)."""
     body = BODY if dot_lines else BODY.replace(b"\r\n.", b"\r\n_")
+    checked: list[int] = []
+    crlf_lines = smtp_client.crlf_lines
+
+    def counting_crlf_lines(content: bytes) -> bytes:
+        checked.append(len(content))
+        return crlf_lines(content)
+
+    monkeypatch.setattr(smtp_client, "crlf_lines", counting_crlf_lines)
     settings = worker_settings(redis_url, tmp_path / "mail")
     async with recording("PIPELINING", "8BITMIME") as peer:
         await deliver(via(settings, peer.port), telemetry, ["r@far.test"], body,
                       crlf_checked=crlf_checked, dot_lines=dot_lines)  # fmt: skip
+    assert checked == ([] if crlf_checked else [len(body)])  # the scan only when unchecked
     stuffed = b"".join(b"." + line if line.startswith(b".") else line
                        for line in body.splitlines(keepends=True))  # fmt: skip
     assert peer.contents == [stuffed]

@@ -288,8 +288,7 @@ class MultiplexedRedis(Redis):
     def _opened(self, opening: asyncio.Future[_Connection]) -> None:
         if self._opening is opening:
             self._opening = None
-        if not opening.cancelled():
-            opening.exception()  # retrieved: the callers were told
+        _retrieved(opening)  # the callers were told
 
     async def _connect(self) -> _Connection:
         # redis-py connects (TCP, TLS or a Unix socket; AUTH, SELECT, HELLO, CLIENT SETINFO)
