@@ -1,9 +1,11 @@
-"""`processes: 2`: two gateway processes share the listeners (SO_REUSEPORT), each accepts
-mail, and SIGTERM stops both within the grace period, the second at once (not after the
-first has finished its own sessions).
+"""`processes: 2`: two gateway processes serve the same listening sockets (the extra one
+inherits them), each accepts mail, a process that cannot take connections is not handed any,
+and SIGTERM stops both within the grace period, the second at once (not after the first has
+finished its own sessions).
 
 Which process serves a connection is read from /proc: the server end of the TCP connection
-is a socket inode, held open by exactly one of the two processes."""
+is a socket inode, held open by exactly one of the two processes. Which one takes it is the
+one that is awake: the others are held with SIGSTOP while it connects."""
 
 from __future__ import annotations
 
@@ -78,14 +80,18 @@ def serving_pid(gateway: GatewayProcess, client: RawClient) -> int:
 
 
 async def connection_to(gateway: GatewayProcess, pid: int) -> RawClient:
-    """A greeted connection served by process `pid` (the kernel picks by the 4-tuple hash;
-    new source ports until one lands there)."""
-    for _ in range(200):
+    """A greeted connection served by process `pid`: the other processes are stopped
+    (SIGSTOP) until it is greeted, so only `pid` can take it from the shared accept queue."""
+    others = [p for p in (gateway.process.pid, *children(gateway.process.pid)) if p != pid]
+    for other in others:
+        os.kill(other, signal.SIGSTOP)
+    try:
         client = await RawClient.connect(gateway.mx)
-        if serving_pid(gateway, client) == pid:
-            return client
-        await client.close()
-    raise AssertionError(f"no connection landed on process {pid}")
+    finally:
+        for other in others:
+            os.kill(other, signal.SIGCONT)
+    assert serving_pid(gateway, client) == pid
+    return client
 
 
 async def queued(redis_url: str) -> int:
@@ -154,6 +160,34 @@ async def test_two_processes_accept_mail_and_stop_together_on_sigterm(
         assert code == 0
         assert _gone(child)  # the parent waited for it
         assert await queued(redis_url) == 3
+    finally:
+        _, stderr = stop_gateway_process(gateway)
+    assert "Traceback" not in stderr, stderr
+
+
+async def test_a_process_that_cannot_accept_is_handed_no_connection(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The processes share one accept queue: while one is frozen (SIGSTOP: as busy as a
+    process gets), every new connection is greeted by the other; with SO_REUSEPORT's hash,
+    about half would wait in the frozen one's queue. Both listen on one socket (inode)."""
+    await apply_routing(redis_url)
+    tls = make_tls(tmp_path / "tls")
+    gateway = start_gateway_process(redis_url, tls, MAILKUBE_PROCESSES="2")
+    try:
+        parent, child = await both_listening(gateway)
+        assert len(tcp_inodes(local_port=gateway.mx, state="0A")) == 1
+        for frozen, awake in ((parent, child), (child, parent)):
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                clients = [await RawClient.connect(gateway.mx) for _ in range(4)]  # greeted
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+            assert {serving_pid(gateway, client) for client in clients} == {awake}
+            for client in clients:
+                assert (await client.command("NOOP")).startswith("250"), "not served"
+            for client in clients:
+                await client.close()
     finally:
         _, stderr = stop_gateway_process(gateway)
     assert "Traceback" not in stderr, stderr

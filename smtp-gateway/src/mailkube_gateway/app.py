@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 #: set in the extra processes `processes` starts, which share the listeners of the first:
 #: the first one's pid
 CHILD_ENV = "MAILKUBE_GATEWAY_CHILD"
+#: and the listening sockets they inherit from it: "<listener index>:<fd>,…"
+LISTEN_FDS_ENV = "MAILKUBE_GATEWAY_LISTEN_FDS"
 
 
 def _redis_check(redis: RedisClient) -> Callable[[], Awaitable[bool]]:
@@ -53,17 +56,42 @@ def _redis_check(redis: RedisClient) -> Callable[[], Awaitable[bool]]:
     return ping
 
 
-def _start_children(settings: GatewaySettings) -> list[subprocess.Popen[bytes]]:
-    """processes > 1: more copies of this process on the same ports (SO_REUSEPORT); the
-    kernel spreads connections over them. They have no telemetry or MTA-STS server of their own."""
+def _start_children(
+    settings: GatewaySettings, listening: list[tuple[int, socket.socket]]
+) -> list[subprocess.Popen[bytes]]:
+    """processes > 1: more copies of this process, serving this one's listening sockets
+    (`listening`: the index of each one's listener, and the socket), handed down as open
+    descriptors. Whichever process is idle takes the next connection from the one accept
+    queue, so a busy process is not handed more, as SO_REUSEPORT's hash would; and one that
+    dies leaves no queued connection behind. They have no telemetry or MTA-STS server of
+    their own."""
     if settings.processes <= 1 or os.environ.get(CHILD_ENV):
         return []
-    env = {**os.environ, CHILD_ENV: str(os.getpid()), "MAILKUBE_TELEMETRY_LISTEN": "",
-           "MAILKUBE_MTA_STS_LISTEN": ""}  # fmt: skip
+    fds = ",".join(f"{index}:{sock.fileno()}" for index, sock in listening)
+    env = {**os.environ, CHILD_ENV: str(os.getpid()), LISTEN_FDS_ENV: fds,
+           "MAILKUBE_TELEMETRY_LISTEN": "", "MAILKUBE_MTA_STS_LISTEN": ""}  # fmt: skip
     return [
-        subprocess.Popen([sys.executable, "-m", "mailkube_gateway"], env=env)
+        subprocess.Popen(
+            [sys.executable, "-m", "mailkube_gateway"],
+            env=env,
+            pass_fds=[sock.fileno() for _, sock in listening],
+        )
         for _ in range(settings.processes - 1)
     ]
+
+
+def _inherited_sockets() -> dict[int, list[socket.socket]] | None:
+    """In an extra process: the first one's listening sockets, by listener index."""
+    fds = os.environ.get(LISTEN_FDS_ENV)
+    if fds is None:
+        return None
+    inherited: dict[int, list[socket.socket]] = {}
+    for item in filter(None, fds.split(",")):
+        index, fd = item.split(":")
+        sock = socket.socket(fileno=int(fd))
+        sock.setblocking(False)
+        inherited.setdefault(int(index), []).append(sock)
+    return inherited
 
 
 def _stop_with_parent() -> None:
@@ -145,14 +173,17 @@ class GatewayApp:
             return False
         if self.certs is not None:
             self.certs.start(self.settings.tls_check_interval)
-        reuse_port = self.settings.processes > 1 or bool(os.environ.get(CHILD_ENV))
+        inherited = _inherited_sockets()
+        listening: list[tuple[int, socket.socket]] = []
 
         def factory(spec: ListenerSpec) -> GatewaySMTP:
             return GatewaySMTP(self.gateway, spec)
 
-        for spec in self.specs:
+        for index, spec in enumerate(self.specs):
             try:
-                servers = await serve_listener(spec, factory, reuse_port=reuse_port)
+                servers = await serve_listener(
+                    spec, factory, inherited=None if inherited is None else inherited.get(index, [])
+                )
             except OSError as exc:  # port taken, address not on this host, privileged port
                 for server in self.servers:
                     server.close()
@@ -165,6 +196,7 @@ class GatewayApp:
             for server in servers:
                 self.servers.append(server)
                 self.bound.append((spec, server))
+                listening += [(index, sock) for sock in server.sockets]
             ports = sorted({sock.getsockname()[1] for server in servers for sock in server.sockets})
             where = {"listener": spec.name, "address": spec.address, "ports": ports}
             log.info("listening", extra=where)
@@ -185,7 +217,7 @@ class GatewayApp:
                 ) from None
             log.info("listening", extra={"listener": "mta-sts",
                                          "address": self.settings.mta_sts_listen})  # fmt: skip
-        self.children = _start_children(self.settings)
+        self.children = _start_children(self.settings, listening)
         return True
 
     def ports(self, name: str) -> list[int]:

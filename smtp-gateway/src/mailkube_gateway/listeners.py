@@ -78,7 +78,7 @@ def listener_specs(settings: GatewaySettings) -> list[ListenerSpec]:
     return specs
 
 
-def _sockets(spec: ListenerSpec, reuse_port: bool) -> list[socket.socket]:
+def _sockets(spec: ListenerSpec) -> list[socket.socket]:
     """Bound, listening sockets: every address of `host` (both IPv4 and IPv6 for '')."""
     infos = socket.getaddrinfo(
         spec.host, spec.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
@@ -92,8 +92,6 @@ def _sockets(spec: ListenerSpec, reuse_port: bool) -> list[socket.socket]:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 # one socket per family, so "every address" means both
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -113,11 +111,13 @@ async def serve_listener(
     spec: ListenerSpec,
     factory: Callable[[ListenerSpec], asyncio.Protocol],
     *,
-    reuse_port: bool = False,
+    inherited: list[socket.socket] | None = None,
 ) -> list[asyncio.Server]:
+    """Serve `spec` on new sockets, or on the `inherited` ones: an extra process of
+    `processes` serves the very sockets of the first (app.py)."""
     loop = asyncio.get_running_loop()
     servers = []
-    for sock in _sockets(spec, reuse_port):
+    for sock in inherited if inherited is not None else _sockets(spec):
         # create_server listens again: without the backlog it would cut it to 100
         servers.append(await loop.create_server(lambda: factory(spec), sock=sock, backlog=BACKLOG))
     return servers

@@ -372,7 +372,8 @@ class GatewaySettings(CommonSettings, DomainSpamDefaults):
     """On SIGTERM, how long messages being received may finish (keep it under the pod's
     terminationGracePeriodSeconds); idle sessions get 421 at once."""
     processes: PositiveInt = 1
-    """Gateway processes sharing the listeners with SO_REUSEPORT (one per core)."""
+    """Gateway processes serving the same listening sockets (one per core): whichever is idle
+    accepts the next connection."""
     event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     """The gateway's event loop: uvloop (libuv: 5-10% more messages per second, see
     docs/benchmarks.md) or Python's own asyncio loop."""
