@@ -7,7 +7,6 @@ recipient counters, the filters, the queue). Every answer is a complete SMTP rep
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from mailkube_core.queue import Envelope, Recipient
 from mailkube_core.telemetry import Tally, inject_trace_context, span_ids_only, spans_exported
 
 from . import replies, rules
+from .connection_slots import Slot
 from .data import DataResult, DataStatus
 from .gateway import Gateway
 from .headers import (
@@ -88,13 +88,13 @@ class Policy:
         #: the connection-level checks of this client (screening/), started with the lease
         self.screen: ClientScreen | None = None
         self._client_ip = ""
-        self._connection_id = ""
-        self._leased = False
+        #: the client address's connection slot, once held (connection_slots.py)
+        self._slot: Slot | None = None
         self._gone = False
 
     # --- connection ---------------------------------------------------------------------
 
-    def admit(self, listener: str, client_ip: str, connection_id: str) -> str | None:
+    def admit(self, listener: str, client_ip: str) -> str | None:
         """None to greet the client at once, else the 421 to close with.
 
         The client address's connection lease is asked for meanwhile: its Redis round trip
@@ -110,7 +110,7 @@ class Policy:
         if len(gateway.sessions) > self.settings.max_connections:
             _connections.add(1, {"outcome": "busy"})
             return replies.SERVER_BUSY
-        self._client_ip, self._connection_id = client_ip, connection_id
+        self._client_ip = client_ip
         lease = asyncio.get_running_loop().create_task(self._lease())
         self.admitting = lease
         gateway.background.add(lease)  # it may outlive the session
@@ -128,20 +128,19 @@ class Policy:
         try:
             # a lease outlives any idle session (the read timeout closes those first)
             lease = self.settings.read_timeout * 2 + self.settings.shutdown_grace
-            held = await self.gateway.limits.acquire_connection(
-                self._client_ip, self._connection_id, self.settings.max_connections_per_ip,
-                lease,
-            )  # fmt: skip
+            slot = await self.gateway.limits.connection_slots.take(
+                self._client_ip, self.settings.max_connections_per_ip, lease.total_seconds()
+            )
         except REDIS_ERRORS as error:
             # fail open: without Redis nothing can be queued anyway (451 at RCPT)
             log.warning("connection limit unavailable", extra={"error": repr(error)})
             return True
-        if not held:
+        if slot is None:
             _connections.add(1, {"outcome": "per_ip_limit"})
             self._close(replies.TOO_MANY_CONNECTIONS)
             return False
         _connections.add(1, {"outcome": "accepted"})
-        self._leased = True
+        self._slot = slot
         if self._gone:  # the client left while the lease was on its way
             self.release()
         return True
@@ -150,15 +149,9 @@ class Policy:
         self._gone = True
         if self.screen is not None:
             self.screen.close()
-        if self._leased:
-            self._leased = False
-            task = asyncio.get_running_loop().create_task(self._release())
-            self.gateway.background.add(task)
-            task.add_done_callback(self.gateway.background.discard)
-
-    async def _release(self) -> None:
-        with contextlib.suppress(*REDIS_ERRORS):  # the lease expires on its own
-            await self.gateway.limits.release_connection(self._client_ip, self._connection_id)
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            self.gateway.limits.connection_slots.give_back(self._client_ip, slot)
 
     # --- MAIL ---------------------------------------------------------------------------
 

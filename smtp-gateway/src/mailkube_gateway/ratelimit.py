@@ -4,8 +4,10 @@ Every script touches one key, and every key carries its own hash tag, so each ru
 Redis Cluster slot and different clients spread over the cluster:
 
   {P:rl:<kind>:<id>}        GCRA state (the theoretical arrival time, ms) of a message rate
-  {P:conn:<ip>}             sorted set of connection leases (member = connection id,
-                            score = lease expiry in ms); leases of dead pods simply expire
+  {P:conn:<ip>}             sorted set of connection leases (member = slot id, score =
+                            lease expiry in ms); leases of dead pods simply expire. A
+                            process reuses a slot for its next connection from the same
+                            address within a second (connection_slots.py)
   {P:authfail:<network>}    failed AUTH attempts from a client network in the current window
 
 and, for the AUTH attempts naming one user, keys under that user's own hash tag (the address
@@ -49,6 +51,7 @@ from mailkube_core.redis_client import RedisClient
 from mailkube_core.redis_multiplexed import NOT_URGENT, MultiplexedRedis
 
 from .auth_throttle import AuthHistory
+from .connection_slots import ConnectionSlots
 from .rate_loans import RateLoans
 
 # Writes of the scripts below go to replicas but not to the AOF (see the module docstring).
@@ -105,8 +108,8 @@ return 1
 """
 )
 
-# KEYS[1] the lease set. ARGV[1] connection id.
-_RELEASE = _SOFT_STATE + "return redis.call('ZREM', KEYS[1], ARGV[1])\n"
+# KEYS[1] the lease set. ARGV the connection ids (slots) to give back.
+_RELEASE = _SOFT_STATE + "return redis.call('ZREM', KEYS[1], unpack(ARGV))\n"
 
 # AUTH state is in the AOF like any other write: rare, and a throttled network or a
 # remembered one should survive a restart.
@@ -209,6 +212,7 @@ class Limits:
         self._auth_history = Script(redis, _AUTH_HISTORY)
         self._auth_success = Script(redis, _AUTH_SUCCESS)
         self.loans = RateLoans(self._borrow, self._return_loan)
+        self.connection_slots = ConnectionSlots(self._acquire_slot, self._release_slots)
 
     # --- message rates ------------------------------------------------------------------
 
@@ -268,9 +272,9 @@ class Limits:
             await self._refund(keys=[key], args=[60000 / per_minute, 1])
 
     async def close(self) -> None:
-        """Give back what this process holds of every rate (at SIGTERM, before Redis is
-        closed)."""
-        await self.loans.close()
+        """Give back what this process holds of every rate and its idle connection slots
+        (at SIGTERM, before Redis is closed)."""
+        await asyncio.gather(self.loans.close(), self.connection_slots.close())
 
     # --- connections --------------------------------------------------------------------
 
@@ -286,9 +290,16 @@ class Limits:
         )
         return bool(held)
 
-    async def release_connection(self, ip: str, connection_id: str) -> None:
+    async def release_connection(self, ip: str, *connection_ids: str) -> None:
         """Nobody waits for this: it goes out with the next command that is waited for."""
-        await self._release(keys=[self._conn_key(ip)], args=[connection_id], urgent=False)
+        await self._release(keys=[self._conn_key(ip)], args=list(connection_ids), urgent=False)
+
+    # the connection_slots.py side: a slot is a lease whose id is the slot's
+    async def _acquire_slot(self, ip: str, slot: str, limit: int, lease: float) -> bool:
+        return await self.acquire_connection(ip, slot, limit, timedelta(seconds=lease))
+
+    async def _release_slots(self, ip: str, slots: list[str]) -> None:
+        await self.release_connection(ip, *slots)
 
     # --- authentication (auth_throttle.py decides) ----------------------------------------
 

@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import random
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -100,7 +99,6 @@ class GatewaySMTP(ProtocolBase):
         )
         self.command_size_limits = COMMAND_LIMITS
         # connection state (kept across STARTTLS)
-        self.connection_id = f"{random.getrandbits(64):016x}"  # unique, not secret
         self.client_ip = "unknown"
         self.client_port = 0
         self.txn: Transaction | None = None
@@ -337,7 +335,7 @@ class GatewaySMTP(ProtocolBase):
         return True
 
     async def _admit(self) -> bool:
-        reply = self.policy.admit(self.listener.name, self.client_ip, self.connection_id)
+        reply = self.policy.admit(self.listener.name, self.client_ip)
         if reply is None:
             return True
         await self.push(reply)

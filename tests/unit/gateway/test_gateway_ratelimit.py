@@ -143,8 +143,33 @@ async def test_connection_leases_are_counted_and_released(redis_url: str) -> Non
         assert await limits.acquire_connection("10.0.0.1", "a", 2, lease)
         await limits.release_connection("10.0.0.1", "a")
         assert await limits.acquire_connection("10.0.0.1", "c", 2, lease)
+        # an address's idle slots go back in one command (connection_slots.py)
+        await limits.release_connection("10.0.0.1", "b", "c")
+        assert await limits.acquire_connection("10.0.0.1", "d", 2, lease)
+        assert await limits.acquire_connection("10.0.0.1", "e", 2, lease)
     finally:
         await limits.redis.aclose()
+
+
+async def test_connection_slots_run_on_the_real_lease_set(redis_url: str) -> None:
+    """Limits wires ConnectionSlots to the scripts: a reused slot is the same member, and
+    close() empties the set."""
+    redis = Redis.from_url(redis_url)
+    limits = Limits(multiplexed(Redis.from_url(redis_url)), "t")
+    slots = limits.connection_slots
+    try:
+        first = await slots.take("10.0.0.9", 1, 60.0)
+        assert first is not None
+        assert await slots.take("10.0.0.9", 1, 60.0) is None  # the limit, from Redis
+        slots.give_back("10.0.0.9", first)
+        assert await slots.take("10.0.0.9", 1, 60.0) == first
+        assert await redis.zrange("{t:conn:10.0.0.9}", 0, -1) == [first.id.encode()]
+        slots.give_back("10.0.0.9", first)
+        await limits.close()
+        assert await redis.zcard("{t:conn:10.0.0.9}") == 0
+    finally:
+        await limits.redis.aclose()
+        await redis.aclose()
 
 
 async def test_limit_state_goes_to_replicas_but_not_into_the_aof(tmp_path: Path) -> None:
