@@ -94,7 +94,8 @@ class ConnectionSlots:
             self._sweep = loop.call_later(self.hold, self._sweep_idle)
 
     def _sweep_idle(self) -> None:
-        """Slots idle for HOLD go back to Redis; the rest wait for the next sweep."""
+        """Slots idle for HOLD go back to Redis (within a quarter of HOLD more); the rest
+        wait for the next sweep."""
         self._sweep = None
         loop = asyncio.get_running_loop()
         cutoff = loop.time() - self.hold
@@ -109,9 +110,11 @@ class ConnectionSlots:
                     del self._idle[ip]
                 self._give_up(ip, old)
         if self._idle:
+            # at most four sweeps per HOLD, each over every address: with connections from
+            # many addresses, a sweep per slot would go over all of them for each one
             oldest = min(entry.since for idle in self._idle.values() for entry in idle)
-            self._sweep = loop.call_later(max(0.0, oldest + self.hold - loop.time()),
-                                          self._sweep_idle)  # fmt: skip
+            delay = max(self.hold / 4, oldest + self.hold - loop.time())
+            self._sweep = loop.call_later(delay, self._sweep_idle)
 
     def _give_up(self, ip: str, slots: list[str]) -> None:
         if slots:

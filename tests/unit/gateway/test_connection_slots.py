@@ -169,3 +169,36 @@ async def test_redis_errors_reach_the_caller_and_a_failed_release_is_not_raised(
         return slots.idle("192.0.2.1") == 0 and not slots._releasing
 
     await eventually(swept, timeout=5)
+
+
+async def test_sweeps_stay_few_with_connections_from_many_addresses() -> None:
+    """Each sweep goes over every address holding idle slots: with connections from many
+    addresses ending one after another, one sweep per slot would go over all of them for each.
+    Sweeps come at most every quarter HOLD."""
+    leases = FakeLeases()
+    (slots, _) = two_processes(leases, hold=0.2)
+    sweeps = 0
+    sweep = slots._sweep_idle
+
+    def counted() -> None:
+        nonlocal sweeps
+        sweeps += 1
+        sweep()
+
+    slots._sweep_idle = counted  # type: ignore[method-assign]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for n in range(40):
+        ip = f"192.0.2.{n}"
+        slot = await slots.take(ip, 5, LEASE)
+        assert slot is not None
+        slots.give_back(ip, slot)
+        await asyncio.sleep(0.01)  # connections ending over 0.4 s (a gap, not a wait for state)
+
+    async def all_back() -> bool:
+        return not any(leases.held.values()) and slots.idle("192.0.2.39") == 0
+
+    await eventually(all_back, timeout=5)
+    # one per quarter HOLD (0.05 s) at most over the time it took (~0.6 s): not one per slot
+    allowed = (loop.time() - started) / 0.05 + 2
+    assert sweeps <= allowed, (sweeps, allowed)
