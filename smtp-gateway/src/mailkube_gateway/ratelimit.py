@@ -110,6 +110,8 @@ return 1
 
 # KEYS[1] the lease set. ARGV the connection ids (slots) to give back.
 _RELEASE = _SOFT_STATE + "return redis.call('ZREM', KEYS[1], unpack(ARGV))\n"
+#: most ids one _RELEASE call is given
+_RELEASE_BATCH = 1000
 
 # AUTH state is in the AOF like any other write: rare, and a throttled network or a
 # remembered one should survive a restart.
@@ -299,7 +301,10 @@ class Limits:
         return await self.acquire_connection(ip, slot, limit, timedelta(seconds=lease))
 
     async def _release_slots(self, ip: str, slots: list[str]) -> None:
-        await self.release_connection(ip, *slots)
+        # Lua's unpack() takes some thousands of values at most (max_connections_per_ip may
+        # be set that high)
+        for start in range(0, len(slots), _RELEASE_BATCH):
+            await self.release_connection(ip, *slots[start : start + _RELEASE_BATCH])
 
     # --- authentication (auth_throttle.py decides) ----------------------------------------
 

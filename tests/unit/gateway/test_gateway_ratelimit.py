@@ -167,6 +167,11 @@ async def test_connection_slots_run_on_the_real_lease_set(redis_url: str) -> Non
         slots.give_back("10.0.0.9", first)
         await limits.close()
         assert await redis.zcard("{t:conn:10.0.0.9}") == 0
+        # more idle slots than Lua's unpack() takes at once (~8,000) still go back
+        many = [f"s{n}" for n in range(9000)]
+        await redis.zadd("{t:conn:10.0.0.9}", dict.fromkeys(many, 2**40))
+        await limits._release_slots("10.0.0.9", many)
+        assert await redis.zcard("{t:conn:10.0.0.9}") == 0
     finally:
         await limits.redis.aclose()
         await redis.aclose()
