@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -38,24 +39,32 @@ Release = Callable[[str, list[str]], Coroutine[Any, Any, None]]
 @dataclass(frozen=True, slots=True)
 class Slot:
     id: str
-    #: loop time at which its lease ends in Redis
+    #: when its lease ends in Redis (the clock's time)
     expires: float
 
 
 @dataclass(frozen=True, slots=True)
 class _Idle:
     slot: Slot
-    #: loop time it was given back
+    #: when it was given back
     since: float
 
 
 class ConnectionSlots:
     """The slots this process holds, by client address."""
 
-    def __init__(self, acquire: Acquire, release: Release, *, hold: float = HOLD) -> None:
+    def __init__(
+        self,
+        acquire: Acquire,
+        release: Release,
+        *,
+        hold: float = HOLD,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._acquire = acquire
         self._release = release
         self.hold = hold
+        self._clock = clock
         # unique among processes: a slot is a member of the address's lease set
         self._prefix = f"{random.getrandbits(64):016x}:"
         self._numbers = itertools.count()
@@ -70,7 +79,7 @@ class ConnectionSlots:
     async def take(self, ip: str, limit: int, lease: float) -> Slot | None:
         """A slot for a new connection from `ip`: one this process holds idle, else one from
         Redis; None when `limit` are held (by all processes). Redis errors are raised."""
-        now = asyncio.get_running_loop().time()
+        now = self._clock()
         idle = self._idle.get(ip)
         stale: list[str] = []
         while idle:
@@ -88,17 +97,16 @@ class ConnectionSlots:
 
     def give_back(self, ip: str, slot: Slot) -> None:
         """A connection from `ip` ended: its slot waits HOLD seconds for the next one."""
-        loop = asyncio.get_running_loop()
-        self._idle.setdefault(ip, []).append(_Idle(slot, loop.time()))
+        self._idle.setdefault(ip, []).append(_Idle(slot, self._clock()))
         if self._sweep is None:
-            self._sweep = loop.call_later(self.hold, self._sweep_idle)
+            self._sweep = asyncio.get_running_loop().call_later(self.hold, self._sweep_idle)
 
     def _sweep_idle(self) -> None:
         """Slots idle for HOLD go back to Redis (within a quarter of HOLD more); the rest
         wait for the next sweep."""
         self._sweep = None
-        loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self.hold
+        now = self._clock()
+        cutoff = now - self.hold
         for ip in list(self._idle):
             idle = self._idle[ip]
             old = [entry.slot.id for entry in idle if entry.since <= cutoff]
@@ -113,8 +121,8 @@ class ConnectionSlots:
             # at most four sweeps per HOLD, each over every address: with connections from
             # many addresses, a sweep per slot would go over all of them for each one
             oldest = min(entry.since for idle in self._idle.values() for entry in idle)
-            delay = max(self.hold / 4, oldest + self.hold - loop.time())
-            self._sweep = loop.call_later(delay, self._sweep_idle)
+            delay = max(self.hold / 4, oldest + self.hold - now)
+            self._sweep = asyncio.get_running_loop().call_later(delay, self._sweep_idle)
 
     def _give_up(self, ip: str, slots: list[str]) -> None:
         if slots:

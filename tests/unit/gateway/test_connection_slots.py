@@ -36,6 +36,33 @@ class FakeLeases:
         self.held.get(ip, set()).difference_update(slots)
 
 
+class Clock:
+    """The slots' clock, moved by the test (the sweep timer runs on the event loop's: with
+    HOLD a minute it does not fire during a test, and the test sweeps by hand)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sweep_now(slots: ConnectionSlots) -> float | None:
+    """Run the sweep the timer would run; the delay until the next one it schedules (to the
+    hundredth: the event loop's clock moved on a little since)."""
+    if slots._sweep is not None:
+        slots._sweep.cancel()
+    slots._sweep_idle()
+    if slots._sweep is None:
+        return None
+    return round(slots._sweep.when() - asyncio.get_running_loop().time(), 2)
+
+
+async def settled(slots: ConnectionSlots) -> None:
+    """The releases a sweep started are done."""
+    await asyncio.gather(*slots._releasing)
+
+
 def two_processes(leases: FakeLeases, hold: float = 60.0) -> tuple[ConnectionSlots, ...]:
     return tuple(ConnectionSlots(leases.acquire, leases.release, hold=hold) for _ in range(2))
 
@@ -95,43 +122,41 @@ async def test_idle_slots_go_back_to_redis_after_hold_together() -> None:
 
 async def test_a_slot_given_back_later_waits_its_own_hold() -> None:
     leases = FakeLeases()
-    (slots, _) = two_processes(leases, hold=0.3)
+    clock = Clock()
+    slots = ConnectionSlots(leases.acquire, leases.release, hold=60, clock=clock)
     early = await slots.take("192.0.2.1", 5, LEASE)
     late = await slots.take("192.0.2.1", 5, LEASE)
     assert early is not None
     assert late is not None
     slots.give_back("192.0.2.1", early)
-    await asyncio.sleep(0.2)  # not a wait for state: the gap between the two is the subject
+    clock.now += 40
     slots.give_back("192.0.2.1", late)
-
-    async def early_back() -> bool:
-        return early.id not in leases.held["192.0.2.1"]
-
-    await eventually(early_back, timeout=5)
+    clock.now += 20  # early idle for HOLD, late for 20 s
+    next_sweep = sweep_now(slots)
+    await settled(slots)
+    assert early.id not in leases.held["192.0.2.1"]
     assert late.id in leases.held["192.0.2.1"], "swept before its hold"
-
-    async def late_back() -> bool:
-        return late.id not in leases.held["192.0.2.1"]
-
-    await eventually(late_back, timeout=5)
+    assert next_sweep is not None
+    assert next_sweep == 40  # when late's hold ends
+    clock.now += 40
+    assert sweep_now(slots) is None
+    await settled(slots)
+    assert late.id not in leases.held["192.0.2.1"]
 
 
 async def test_a_slot_whose_lease_is_half_spent_is_not_reused() -> None:
     leases = FakeLeases()
-    (slots, _) = two_processes(leases)
-    now = asyncio.get_running_loop().time()
-    worn = Slot("worn", now + LEASE / 2 - 1)  # less than half a lease left
+    clock = Clock()
+    slots = ConnectionSlots(leases.acquire, leases.release, clock=clock)
+    worn = Slot("worn", clock.now + LEASE / 2 - 1)  # less than half a lease left
     leases.held["192.0.2.1"] = {"worn"}
     slots.give_back("192.0.2.1", worn)
     fresh = await slots.take("192.0.2.1", 5, LEASE)
     assert fresh is not None
     assert fresh.id != "worn"
-    assert fresh.expires >= now + LEASE
-
-    async def worn_back() -> bool:
-        return ("192.0.2.1", ["worn"]) in leases.released
-
-    await eventually(worn_back, timeout=5)
+    assert fresh.expires == clock.now + LEASE
+    await settled(slots)
+    assert ("192.0.2.1", ["worn"]) in leases.released
 
 
 async def test_close_gives_every_idle_slot_back() -> None:
@@ -176,29 +201,23 @@ async def test_sweeps_stay_few_with_connections_from_many_addresses() -> None:
     addresses ending one after another, one sweep per slot would go over all of them for each.
     Sweeps come at most every quarter HOLD."""
     leases = FakeLeases()
-    (slots, _) = two_processes(leases, hold=0.2)
-    sweeps = 0
-    sweep = slots._sweep_idle
-
-    def counted() -> None:
-        nonlocal sweeps
-        sweeps += 1
-        sweep()
-
-    slots._sweep_idle = counted  # type: ignore[method-assign]
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    for n in range(40):
+    clock = Clock()
+    slots = ConnectionSlots(leases.acquire, leases.release, hold=60, clock=clock)
+    for n in range(40):  # one connection ends a second, from 40 addresses
         ip = f"192.0.2.{n}"
         slot = await slots.take(ip, 5, LEASE)
         assert slot is not None
         slots.give_back(ip, slot)
-        await asyncio.sleep(0.01)  # connections ending over 0.4 s (a gap, not a wait for state)
-
-    async def all_back() -> bool:
-        return not any(leases.held.values()) and slots.idle("192.0.2.39") == 0
-
-    await eventually(all_back, timeout=5)
-    # one per quarter HOLD (0.05 s) at most over the time it took (~0.6 s): not one per slot
-    allowed = (loop.time() - started) / 0.05 + 2
-    assert sweeps <= allowed, (sweeps, allowed)
+        clock.now += 1
+    clock.now += 20  # the first one's HOLD is over
+    sweeps = 0
+    while True:  # the sweeps as the timer would run them
+        sweeps += 1
+        delay = sweep_now(slots)
+        if delay is None:
+            break
+        assert delay >= 15, "a sweep sooner than a quarter HOLD"
+        clock.now += delay
+    await settled(slots)
+    assert not any(leases.held.values())
+    assert sweeps <= 5, sweeps  # at 60, 75, 90, 105 s: not one per slot (40)
