@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from dns_server import DnsServer  # noqa: E402
-from gateway_harness import http_status, wait_until  # noqa: E402
+from gateway_harness import http_status, serving_pids, wait_until  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 from redis_servers import RedisServer  # noqa: E402
 
@@ -94,23 +94,6 @@ def tree(pid: int) -> list[int]:
     except OSError:
         return []
     return [pid, *(int(c) for c in children)]
-
-
-def listeners(port: int, pids: list[int]) -> int:
-    """How many of `pids` hold a listening socket on `port` (SO_REUSEPORT: one each)."""
-    inodes = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
-            inodes.add(f"socket:[{fields[9]}]")
-    count = 0
-    for pid in pids:
-        try:
-            held = {os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()}
-        except OSError:
-            continue
-        count += bool(held & inodes)
-    return count
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -233,7 +216,7 @@ class Stack:
             # for all, or the first ones measured are one process short and share the CPU
             # with the others' start-up
             wait_until(
-                lambda: listeners(self.smtp_port, tree(self.gateway.pid)) == processes,
+                lambda: len(serving_pids(self.smtp_port, tree(self.gateway.pid))) == processes,
                 60,
                 "every gateway process",
             )
@@ -343,7 +326,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", default="1,10,50")
     parser.add_argument("--sizes", default="2048,102400")
-    parser.add_argument("--processes", default="1,2", help="gateway processes (SO_REUSEPORT)")
+    parser.add_argument(
+        "--processes", default="1,2", help="gateway processes (sharing the listening sockets)"
+    )
     parser.add_argument("--messages", type=int, default=3000)
     parser.add_argument("--runs", type=int, default=1, help="timed runs per cell (median)")
     parser.add_argument("--warmup", type=int, default=300, help="messages before timing")

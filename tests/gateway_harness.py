@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -273,6 +274,36 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def serving_pids(port: int, pids: list[int]) -> set[int]:
+    """Which of `pids` serve the IPv4 listening socket on 127.0.0.1-or-any `port`: their
+    event loop watches it. Holding its descriptor is not enough: an extra gateway process
+    inherits the first one's sockets when it starts, seconds before it serves them. An epoll
+    instance's /proc fdinfo names each watched file ("tfd: … ino:<hex>")."""
+    listening = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].split(":")[1], 16) == port:
+            listening.add(int(fields[9]))
+    serving = set()
+    for pid in pids:
+        try:
+            descriptors = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for fd in descriptors:
+            try:
+                if os.readlink(fd) != "anon_inode:[eventpoll]":
+                    continue
+                info = Path(f"/proc/{pid}/fdinfo/{fd.name}").read_text()
+            except OSError:
+                continue
+            watched = {int(m, 16) for m in re.findall(r"^tfd:.*\bino:([0-9a-f]+)", info, re.M)}
+            if watched & listening:
+                serving.add(pid)
+                break
+    return serving
 
 
 def http_status(url: str) -> int | None:

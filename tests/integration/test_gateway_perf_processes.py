@@ -23,6 +23,7 @@ from gateway_harness import (
     apply_routing,
     make_tls,
     message,
+    serving_pids,
     start_gateway_process,
     stop_gateway_process,
 )
@@ -65,9 +66,8 @@ def tcp_inodes(*, local_port: int, remote_port: int | None = None, state: str) -
 
 
 def listening_pids(gateway: GatewayProcess) -> set[int]:
-    listeners = tcp_inodes(local_port=gateway.mx, state="0A")
-    pids = [gateway.process.pid, *children(gateway.process.pid)]
-    return {pid for pid in pids if socket_inodes(pid) & listeners}
+    """The processes serving the mx listener (not merely holding its inherited socket)."""
+    return serving_pids(gateway.mx, [gateway.process.pid, *children(gateway.process.pid)])
 
 
 def serving_pid(gateway: GatewayProcess, client: RawClient) -> int:
